@@ -1,0 +1,1 @@
+"""The pipeline's stages (one module per DVC stage) and the small modules they share."""
