@@ -202,8 +202,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(names)}"
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.4)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            hint += f"known keys{' of ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"
             raise PipelineError(f"{PARAMS_FILE}: unknown key {full}; {hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):

@@ -1,0 +1,279 @@
+"""Compare the fine-tuned adapter with the untuned base model: ROUGE deltas, a plot table and a report.
+
+    python -m stages.compare
+
+Reads metrics/{baseline,adapter}.json and data/predictions/{baseline,adapter}.jsonl; writes
+metrics/compare.json (`dvc metrics`), metrics/compare_rouge.json (`dvc plots`) and metrics/compare.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from stages.errors import PipelineError, run_stage
+from stages.files import atomic_file, read_jsonl, write_json
+from stages.scoring import ROUGE_KEYS
+
+log = logging.getLogger(__name__)
+
+MODELS = ("baseline", "adapter")
+STAGE_OF = {"baseline": "evaluate_baseline", "adapter": "evaluate_adapter"}
+METRICS_FILES = {model: Path(f"metrics/{model}.json") for model in MODELS}
+PREDICTION_FILES = {model: Path(f"data/predictions/{model}.jsonl") for model in MODELS}
+COMPARE_JSON = Path("metrics/compare.json")
+COMPARE_PLOT = Path("metrics/compare_rouge.json")
+COMPARE_REPORT = Path("metrics/compare.md")
+
+COMPARED_KEYS = (*ROUGE_KEYS, "gen_len_mean")
+ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
+PREDICTION_FIELDS = ("id", "dialogue", "reference", "prediction", "scores")
+DIALOGUE_CHARS = 600
+LABEL_NOTES = {
+    "best": "largest ROUGE-L gain",
+    "median": "median ROUGE-L gain",
+    "worst": "smallest ROUGE-L gain",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One test example as both models summarised it, with its rank by the adapter's ROUGE-L gain."""
+
+    label: str  # "best", "median", "worst" (or "rank i of n" when more than three are picked)
+    id: str
+    dialogue: str
+    reference: str
+    baseline_prediction: str
+    adapter_prediction: str
+    baseline_rouge_l: float
+    adapter_rouge_l: float
+
+    @property
+    def gain(self) -> float:
+        return self.adapter_rouge_l - self.baseline_rouge_l
+
+
+def compare_metrics(baseline: dict, adapter: dict) -> dict:
+    """Both models' ROUGE and mean generation length, and the adapter's change over the baseline."""
+    if baseline["examples"] != adapter["examples"]:
+        raise PipelineError(
+            f"the baseline was scored on {baseline['examples']} test examples and the adapter on "
+            f"{adapter['examples']}: their means are not comparable; run `dvc repro` to evaluate both again"
+        )
+    return {
+        "baseline": {key: float(baseline[key]) for key in COMPARED_KEYS},
+        "adapter": {key: float(adapter[key]) for key in COMPARED_KEYS},
+        "delta": {key: float(adapter[key]) - float(baseline[key]) for key in COMPARED_KEYS},
+        "examples": int(adapter["examples"]),
+    }
+
+
+def rouge_plot_rows(comparison: dict) -> list[dict]:
+    """One row per (ROUGE key, model); `bar` labels it for dvc's bar templates, which cannot group by a field."""
+    return [
+        {"metric": key, "model": model, "bar": f"{key} {model}", "score": comparison[model][key]}
+        for key in ROUGE_KEYS
+        for model in MODELS
+    ]
+
+
+def pick_examples(baseline_rows: list[dict], adapter_rows: list[dict], k: int = 3) -> list[Example]:
+    """The examples at the top, middle and bottom (k spread evenly) of the ranking by ROUGE-L gain."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    baseline_by_id = {str(row["id"]): row for row in baseline_rows}
+    adapter_by_id = {str(row["id"]): row for row in adapter_rows}
+    common = baseline_by_id.keys() & adapter_by_id.keys()
+    if not common:
+        raise PipelineError(
+            f"the baseline ({len(baseline_by_id)} ids) and adapter ({len(adapter_by_id)} ids) predictions "
+            "share no example id: they were made on different test examples; run `dvc repro`"
+        )
+    if len(common) < max(len(baseline_by_id), len(adapter_by_id)):
+        log.warning(
+            "baseline has %d example ids, adapter %d, %d in common: picking examples from the common ones",
+            len(baseline_by_id),
+            len(adapter_by_id),
+            len(common),
+        )
+    examples = [
+        Example(
+            label="",
+            id=example_id,
+            dialogue=adapter_by_id[example_id]["dialogue"],
+            reference=adapter_by_id[example_id]["reference"],
+            baseline_prediction=baseline_by_id[example_id]["prediction"],
+            adapter_prediction=adapter_by_id[example_id]["prediction"],
+            baseline_rouge_l=float(baseline_by_id[example_id]["scores"]["rougeL"]),
+            adapter_rouge_l=float(adapter_by_id[example_id]["scores"]["rougeL"]),
+        )
+        for example_id in common
+    ]
+    ranked = sorted(examples, key=lambda example: (-example.gain, example.id))  # ties: by id
+    last = len(ranked) - 1
+    positions = dict.fromkeys(i * last // (k - 1) if k > 1 else 0 for i in range(k))
+    return [_with_label(ranked[position], position, last) for position in positions]
+
+
+def _with_label(example: Example, position: int, last: int) -> Example:
+    if position == 0:
+        label = "best"
+    elif position == last:
+        label = "worst"
+    elif position == last // 2:
+        label = "median"
+    else:
+        label = f"rank {position + 1} of {last + 1}"
+    return dataclasses.replace(example, label=label)
+
+
+def render_report(comparison: dict, examples: list[Example]) -> str:
+    """The Markdown report: the metrics table, then a few examples from both models side by side."""
+    lines = [
+        "# Fine-tuned adapter vs. base model",
+        "",
+        "ROUGE F1 with stemming, in percent, averaged over the test examples; change in percentage points.",
+        "",
+        "| metric | baseline | fine-tuned | change |",
+        "|---|---:|---:|---:|",
+    ]
+    for key in ROUGE_KEYS:
+        baseline, adapter, delta = (100 * comparison[part][key] for part in ("baseline", "adapter", "delta"))
+        lines.append(f"| {ROUGE_NAMES[key]} | {baseline:.2f} | {adapter:.2f} | {_signed(delta, 2)} |")
+    baseline, adapter, delta = (comparison[part]["gen_len_mean"] for part in ("baseline", "adapter", "delta"))
+    lines += [
+        f"| mean generated length | {baseline:.1f} | {adapter:.1f} | {_signed(delta, 1)} |",
+        "",
+        f"Test examples: {comparison['examples']}",
+        "",
+        "## Example predictions",
+        "",
+        "Test examples ranked by how much the fine-tuned model's ROUGE-L beats the baseline's: "
+        "the best, the median and the worst.",
+    ]
+    for example in examples:
+        fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", example.dialogue)), default=0))
+        lines += [
+            "",
+            f"### {example.label.capitalize()}{_note(example.label)}: `{example.id}`",
+            "",
+            f"ROUGE-L {100 * example.baseline_rouge_l:.2f} → {100 * example.adapter_rouge_l:.2f} "
+            f"({_signed(100 * example.gain, 2)})",
+            "",
+            f"{fence}text",
+            _truncate(example.dialogue, DIALOGUE_CHARS),
+            fence,
+            "",
+            "| reference | baseline | fine-tuned |",
+            "|---|---|---|",
+            f"| {_cell(example.reference)} | {_cell(example.baseline_prediction)} "
+            f"| {_cell(example.adapter_prediction)} |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _note(label: str) -> str:
+    return f" ({LABEL_NOTES[label]})" if label in LABEL_NOTES else ""
+
+
+def _signed(value: float, decimals: int) -> str:
+    rounded = round(value, decimals) or 0.0  # no "-0.00"
+    return f"{rounded:+.{decimals}f}"
+
+
+def _truncate(text: str, limit: int) -> str:
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    boundary = max(cut.rfind(" "), cut.rfind("\n"))
+    if boundary > limit * 0.8:  # end on a word when one ends near the limit
+        cut = cut[:boundary]
+    return f"{cut.rstrip()} …"
+
+
+def _cell(text: str) -> str:
+    """Text made safe for one Markdown table cell: no pipes, no raw HTML, line breaks kept."""
+    text = html.escape(text.strip(), quote=False).replace("|", "\\|")
+    return "<br>".join(line.strip() for line in text.splitlines()) or "*(empty)*"
+
+
+def _require(path: Path, model: str) -> None:
+    if not path.is_file():
+        raise PipelineError(
+            f"{path} not found: it is written by the `{STAGE_OF[model]}` stage; run `dvc repro` first"
+        )
+
+
+def _load_metrics(model: str) -> dict:
+    path = METRICS_FILES[model]
+    _require(path, model)
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{path} is not valid JSON ({err.msg}); re-run `{STAGE_OF[model]}`") from None
+    if not isinstance(metrics, dict):
+        raise PipelineError(f"{path} should hold a JSON object; re-run `{STAGE_OF[model]}`")
+    for key in (*COMPARED_KEYS, "examples"):
+        value = metrics.get(key)
+        if value is None:
+            raise PipelineError(f"{path} has no `{key}`; re-run `{STAGE_OF[model]}` to rewrite it")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PipelineError(f"{path}: `{key}` is {value!r}, not a number; re-run `{STAGE_OF[model]}`")
+        if key in ROUGE_KEYS and not 0 <= value <= 1:
+            raise PipelineError(f"{path}: `{key}` is {value}, not a fraction in [0, 1]")
+    return metrics
+
+
+def _load_predictions(model: str) -> list[dict]:
+    path = PREDICTION_FILES[model]
+    _require(path, model)
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, 1):
+        missing = [field for field in PREDICTION_FIELDS if field not in row]
+        if "scores" in row and not (isinstance(row["scores"], dict) and "rougeL" in row["scores"]):
+            missing.append("scores.rougeL")
+        if missing:
+            raise PipelineError(f"{path}:{number}: missing {', '.join(missing)}; re-run `{STAGE_OF[model]}`")
+    return rows
+
+
+def _rounded(data: Any) -> Any:
+    if isinstance(data, float):
+        return round(data, 6)
+    if isinstance(data, dict):
+        return {key: _rounded(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_rounded(value) for value in data]
+    return data
+
+
+def main() -> None:
+    metrics = {model: _load_metrics(model) for model in MODELS}
+    predictions = {model: _load_predictions(model) for model in MODELS}
+    comparison = compare_metrics(metrics["baseline"], metrics["adapter"])
+    examples = pick_examples(predictions["baseline"], predictions["adapter"])
+    write_json(COMPARE_JSON, _rounded(comparison))
+    write_json(COMPARE_PLOT, _rounded(rouge_plot_rows(comparison)))
+    with atomic_file(COMPARE_REPORT) as f:
+        f.write(render_report(comparison, examples))
+    log.info(
+        "ROUGE-L on %d test examples: baseline %.2f, fine-tuned %.2f (%s); wrote %s, %s and %s",
+        comparison["examples"],
+        100 * comparison["baseline"]["rougeL"],
+        100 * comparison["adapter"]["rougeL"],
+        _signed(100 * comparison["delta"]["rougeL"], 2),
+        COMPARE_JSON,
+        COMPARE_PLOT,
+        COMPARE_REPORT,
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

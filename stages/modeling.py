@@ -1,0 +1,126 @@
+"""Loading the tokenizer and the base model, and the device policy (what runs where, and why)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from stages.errors import PipelineError
+from stages.params import ModelParams, QuantizationParams
+
+log = logging.getLogger(__name__)
+
+# Llama 3.2 reserves this token for padding; EOS as pad would teach the model never to stop under collators
+# that mask pad ids, and is ambiguous in logs.
+RESERVED_PAD_TOKENS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>")
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    device: str  # "cuda" or "cpu"
+    compute_dtype: torch.dtype
+    optim: str
+    bf16: bool
+    reason: str
+
+    def describe(self) -> dict:
+        return {"device": self.device, "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}
+
+
+def choose_device(quant: QuantizationParams, optim: str = "adamw_torch") -> DevicePolicy:
+    """CUDA: the configured compute dtype and optimizer; CPU: fp32 compute and adamw_torch."""
+    if torch.cuda.is_available():
+        dtype = getattr(torch, quant.bnb_4bit_compute_dtype)
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            return DevicePolicy("cuda", torch.float16, optim, False, "this GPU has no bfloat16: using float16")
+        return DevicePolicy("cuda", dtype, optim, dtype == torch.bfloat16, f"CUDA: {quant.bnb_4bit_compute_dtype}")
+    # bf16 matmuls are ~2x slower than fp32 on CPUs without AMX, and the paged 8-bit optimizers need CUDA.
+    cpu_optim = "adamw_torch" if ("8bit" in optim or "paged" in optim) else optim
+    return DevicePolicy(
+        "cpu",
+        torch.float32,
+        cpu_optim,
+        False,
+        f"no CUDA device: computing in float32 (not {quant.bnb_4bit_compute_dtype}) with {cpu_optim} "
+        f"(not {optim}), which run faster or only this way on CPU",
+    )
+
+
+def is_local(name: str) -> bool:
+    """A name that exists on disk or is spelled like a path is local; `org/name` is a hub id."""
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+
+
+def _check_local(name: str, what: str) -> None:
+    if is_local(name) and not Path(name).expanduser().is_dir():
+        raise PipelineError(
+            f"{what} {name!r} is not a directory; set it to a hub id or a folder made by save_pretrained"
+        )
+
+
+def _hub_error(name: str, what: str, err: Exception) -> PipelineError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    hint = (
+        "check the id and revision; for gated models (Llama) accept the licence on the hub and log in with "
+        "`hf auth login` or set HF_TOKEN; offline, point it at a local folder"
+    )
+    return PipelineError(f"could not load {what} {name!r}: {reason[:300]}; {hint}")
+
+
+def load_tokenizer(model: ModelParams) -> PreTrainedTokenizerBase:
+    """The tokenizer named by model.tokenizer_type (or base_model), with a chat template and a pad token."""
+    name = model.tokenizer_name
+    _check_local(name, "model.tokenizer_type")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=model.revision, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise _hub_error(name, "tokenizer", err) from None
+    if not tokenizer.chat_template:
+        raise PipelineError(
+            f"tokenizer {name!r} has no chat template; use an instruct/chat model's tokenizer (model.tokenizer_type)"
+        )
+    if tokenizer.pad_token is None:
+        vocab = tokenizer.get_vocab()
+        reserved = next((t for t in RESERVED_PAD_TOKENS if t in vocab), None)
+        if reserved:
+            tokenizer.pad_token = reserved
+        elif tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            # Safe here: labels are built from masks, never from input_ids, and padding is masked out.
+            log.warning("tokenizer has no pad or reserved token: padding with the EOS token")
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(quant: QuantizationParams, policy: DevicePolicy) -> BitsAndBytesConfig | None:
+    if not quant.use_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=policy.compute_dtype,
+    )
+
+
+def load_base_model(model: ModelParams, quant: QuantizationParams, policy: DevicePolicy) -> torch.nn.Module:
+    """The frozen base model, 4-bit when quantization.use_4bit, on the policy's device."""
+    _check_local(model.base_model, "model.base_model")
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            model.base_model,
+            revision=model.revision,
+            quantization_config=quantization_config(quant, policy),
+            dtype=policy.compute_dtype,
+            device_map={"": 0} if policy.device == "cuda" else "cpu",
+            trust_remote_code=False,
+        )
+    except (OSError, ValueError) as err:
+        raise _hub_error(model.base_model, "model", err) from None
+    return base

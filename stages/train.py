@@ -1,0 +1,238 @@
+"""Stage train: QLoRA fine-tuning of the base model on the tokenized summaries, with transformers' Trainer.
+
+    python -m stages.train      (or: dvc repro train)
+
+Reads data/tokenized/; writes models/adapter/ (LoRA adapter + tokenizer, loadable with
+`PeftModel.from_pretrained(base, "models/adapter")`), metrics/train.json and the training curves under
+metrics/curves/. Checkpoints go to models/checkpoints/; a later run with the same params and data resumes
+from the newest one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict, load_from_disk
+from dvclive import Live
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.integrations import DVCLiveCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from stages.batching import PadCollator
+from stages.errors import PipelineError, run_stage
+from stages.files import atomic_dir, write_json
+from stages.modeling import DevicePolicy, choose_device, load_base_model, load_tokenizer
+from stages.params import Params, load_params
+
+log = logging.getLogger(__name__)
+
+TOKENIZED = "data/tokenized"
+ADAPTER = "models/adapter"
+CHECKPOINTS = "models/checkpoints"
+CURVES = "metrics/curves"
+METRICS = "metrics/train.json"
+RUN_FINGERPRINT = "run.json"  # inside CHECKPOINTS: which params and data its checkpoints belong to
+
+
+def linear_module_names(model: torch.nn.Module) -> set[str]:
+    """Leaf names of the model's linear layers (what lora.target_modules may name)."""
+    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise PipelineError(
+            f"params.yaml: lora.target_modules names {missing}, which this model does not have; "
+            f"its linear layers are: {', '.join(sorted(available))}"
+        )
+
+
+def add_lora(base: torch.nn.Module, params: Params, policy: DevicePolicy) -> torch.nn.Module:
+    """Wrap the base with LoRA adapters (seeded), after preparing a 4-bit base for training."""
+    check_target_modules(base, params.lora.target_modules)
+    if params.quantization.use_4bit:
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    set_seed(params.seed)  # LoRA's A matrices are initialised randomly inside get_peft_model
+    config = LoraConfig(
+        r=params.lora.r,
+        lora_alpha=params.lora.lora_alpha,
+        target_modules=list(params.lora.target_modules),
+        lora_dropout=params.lora.lora_dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, config)
+
+
+def training_arguments(params: Params, policy: DevicePolicy, has_eval: bool) -> TrainingArguments:
+    t = params.training
+    return TrainingArguments(
+        output_dir=CHECKPOINTS,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=policy.optim,
+        bf16=policy.bf16,
+        fp16=policy.device == "cuda" and policy.compute_dtype == torch.float16,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=params.seed,
+        data_seed=params.seed,
+        report_to="none",  # curves go through our own DVCLiveCallback: report_to="dvclive" rewrites dvc.yaml
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        use_cpu=policy.device == "cpu",
+        save_only_model=False,
+        disable_tqdm=False,
+    )
+
+
+def run_fingerprint(params: Params, data_dir: str | Path) -> str:
+    """A hash of everything a checkpoint depends on: the training params and the tokenized data files."""
+    h = hashlib.sha256()
+    relevant = {k: asdict(getattr(params, k)) for k in ("model", "quantization", "lora", "training")}
+    h.update(json.dumps({"seed": params.seed, **relevant}, sort_keys=True).encode())
+    for path in sorted(p for p in Path(data_dir).rglob("*") if p.is_file()):
+        h.update(path.relative_to(data_dir).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS) -> str | None:
+    """The newest checkpoint of an interrupted run with the same fingerprint; otherwise clear the folder."""
+    checkpoints = Path(checkpoints)
+    marker = checkpoints / RUN_FINGERPRINT
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        last = get_last_checkpoint(str(checkpoints))
+        if last:
+            return last
+    elif checkpoints.exists():
+        if any(checkpoints.iterdir()):
+            log.info("%s holds checkpoints of other params or data: starting clean", checkpoints)
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return None
+
+
+def peak_memory_gib(policy: DevicePolicy) -> float:
+    if policy.device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def directory_mb(path: str | Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e6
+
+
+def main() -> None:
+    params = load_params()
+    policy = choose_device(params.quantization, params.training.optim)
+    log.info("device: %s", policy.reason)
+    try:
+        data = load_from_disk(TOKENIZED)
+    except FileNotFoundError:
+        raise PipelineError(f"{TOKENIZED} not found: run `dvc repro tokenize_mask` first") from None
+    if not isinstance(data, DatasetDict) or "train" not in data:
+        raise PipelineError(f"{TOKENIZED} has no train split: re-run `dvc repro tokenize_mask`")
+    set_seed(params.seed)
+    tokenizer = load_tokenizer(params.model)
+    model = add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    live = Live(CURVES, dvcyaml=None, save_dvc_exp=False, resume=bool(resume_from), report=None)
+    has_eval = "validation" in data and len(data["validation"]) > 0
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(params, policy, has_eval),
+        train_dataset=data["train"],
+        eval_dataset=data["validation"] if has_eval else None,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[DVCLiveCallback(live=live)],
+    )
+    tokens_before = 0
+    if resume_from:
+        state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
+        tokens_before = state.get("num_input_tokens_seen", 0)
+    start = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        if resume_from is None:
+            raise
+        raise PipelineError(
+            f"could not resume from {resume_from} ({type(err).__name__}: {str(err)[:200]}); "
+            f"delete {CHECKPOINTS}/ to start clean"
+        ) from None
+    runtime = time.perf_counter() - start
+    eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
+    live.end()
+
+    with atomic_dir(ADAPTER) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
+    write_json(
+        METRICS,
+        {
+            "train_loss": round(losses[-1], 4) if losses else None,
+            "train_loss_mean": round(result.training_loss, 4),
+            "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
+            "steps": trainer.state.global_step,
+            "epochs": round(trainer.state.epoch or 0, 3),
+            "resumed_from_step": int(Path(resume_from).name.split("-")[-1]) if resume_from else 0,
+            "runtime_s": round(runtime, 2),
+            "train_tokens": int(tokens),
+            "train_tokens_per_second": round(tokens / runtime, 1),
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": round(100 * trainable / total, 4),
+            "adapter_mb": round(directory_mb(Path(ADAPTER) / "adapter_model.safetensors"), 3),
+            "peak_memory_gib": round(peak_memory_gib(policy), 3),
+            **policy.describe(),
+            "quantized": params.quantization.use_4bit,
+            "optim": policy.optim,
+        },
+    )
+    log.info("adapter saved to %s", ADAPTER)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from stages import compare
+from stages.compare import compare_metrics, pick_examples, render_report, rouge_plot_rows
+from stages.errors import PipelineError
+
+BASELINE = {
+    "rouge1": 0.25,
+    "rouge2": 0.08,
+    "rougeL": 0.2,
+    "rougeLsum": 0.21,
+    "gen_len_mean": 41.5,
+    "examples": 4,
+    "seconds": 12.0,
+}
+ADAPTER = {
+    "rouge1": 0.4134,
+    "rouge2": 0.19,
+    "rougeL": 0.335,
+    "rougeLsum": 0.195,
+    "gen_len_mean": 22.0,
+    "examples": 4,
+}
+
+
+def prediction_row(example_id: str, rouge_l: float, prediction: str = "a summary") -> dict:
+    return {
+        "id": example_id,
+        "dialogue": f"Ann: hi, this is dialogue {example_id}\nTom: hello",
+        "reference": f"reference {example_id}",
+        "prediction": prediction,
+        "scores": {"rouge1": rouge_l, "rouge2": rouge_l, "rougeL": rouge_l, "rougeLsum": rouge_l},
+    }
+
+
+# rougeL per id: (baseline, adapter) -> gain
+#   a: 0.5 -> 0.6  (+0.1)   b: 0.1 -> 0.9 (+0.8)   c: 0.4 -> 0.2 (-0.2)
+#   d: 0.3 -> 0.3  ( 0.0)   e: 0.2 -> 0.5 (+0.3)
+# ranked by gain: b (+0.8), e (+0.3), a (+0.1), d (0.0), c (-0.2) -> best b, median a, worst c
+ROUGE_L = {"a": (0.5, 0.6), "b": (0.1, 0.9), "c": (0.4, 0.2), "d": (0.3, 0.3), "e": (0.2, 0.5)}
+BASELINE_ROWS = [prediction_row(i, base, f"base summary {i}") for i, (base, _) in ROUGE_L.items()]
+ADAPTER_ROWS = [prediction_row(i, tuned, f"tuned summary {i}") for i, (_, tuned) in ROUGE_L.items()]
+
+
+def test_compare_metrics_deltas():
+    comparison = compare_metrics(BASELINE, ADAPTER)
+
+    assert comparison["delta"] == pytest.approx(
+        {"rouge1": 0.1634, "rouge2": 0.11, "rougeL": 0.135, "rougeLsum": -0.015, "gen_len_mean": -19.5}
+    )
+    assert comparison["baseline"]["rouge1"] == 0.25
+    assert comparison["adapter"]["gen_len_mean"] == 22.0
+    assert comparison["examples"] == 4
+    # Only the compared keys, not everything the metrics files happen to hold.
+    assert set(comparison["baseline"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len_mean"}
+
+
+def test_compare_metrics_refuses_different_example_counts():
+    with pytest.raises(PipelineError, match="4 test examples and the adapter on 3"):
+        compare_metrics(BASELINE, {**ADAPTER, "examples": 3})
+
+
+def test_plot_rows_pair_each_rouge_key_with_both_models():
+    rows = rouge_plot_rows(compare_metrics(BASELINE, ADAPTER))
+
+    assert rows[:2] == [
+        {"metric": "rouge1", "model": "baseline", "bar": "rouge1 baseline", "score": 0.25},
+        {"metric": "rouge1", "model": "adapter", "bar": "rouge1 adapter", "score": 0.4134},
+    ]
+    assert len(rows) == 8
+    assert [row["metric"] for row in rows[::2]] == ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    assert {row["model"] for row in rows} == {"baseline", "adapter"}
+
+
+def test_report_table_shows_percentages_and_signed_changes():
+    report = render_report(compare_metrics(BASELINE, ADAPTER), [])
+
+    assert "| metric | baseline | fine-tuned | change |" in report
+    assert "| ROUGE-1 | 25.00 | 41.34 | +16.34 |" in report
+    assert "| ROUGE-2 | 8.00 | 19.00 | +11.00 |" in report
+    assert "| ROUGE-L | 20.00 | 33.50 | +13.50 |" in report
+    assert "| ROUGE-Lsum | 21.00 | 19.50 | -1.50 |" in report
+    assert "| mean generated length | 41.5 | 22.0 | -19.5 |" in report
+    assert "Test examples: 4" in report
+
+
+def test_report_never_shows_negative_zero():
+    report = render_report(compare_metrics(BASELINE, {**BASELINE, "rouge1": 0.249_999_9}), [])
+
+    assert "| ROUGE-1 | 25.00 | 25.00 | +0.00 |" in report
+
+
+def test_pick_examples_takes_best_median_and_worst_by_rouge_l_gain():
+    examples = pick_examples(BASELINE_ROWS, ADAPTER_ROWS)
+
+    assert [(example.label, example.id) for example in examples] == [
+        ("best", "b"),
+        ("median", "a"),
+        ("worst", "c"),
+    ]
+    best = examples[0]
+    assert best.gain == pytest.approx(0.8)
+    assert (best.baseline_prediction, best.adapter_prediction) == ("base summary b", "tuned summary b")
+
+
+def test_pick_examples_does_not_depend_on_row_order_and_breaks_ties_by_id():
+    shuffled = pick_examples(BASELINE_ROWS[::-1], ADAPTER_ROWS[2:] + ADAPTER_ROWS[:2])
+    assert [example.id for example in shuffled] == ["b", "a", "c"]
+
+    tied_baseline = [prediction_row(i, 0.1) for i in "zyx"]
+    tied_adapter = [prediction_row(i, 0.4) for i in "xzy"]
+    assert [example.id for example in pick_examples(tied_baseline, tied_adapter)] == ["x", "y", "z"]
+
+
+def test_pick_examples_with_fewer_examples_than_asked():
+    examples = pick_examples(BASELINE_ROWS[:2], ADAPTER_ROWS[:2])
+
+    assert [(example.label, example.id) for example in examples] == [("best", "b"), ("worst", "a")]
+
+
+def test_pick_examples_uses_common_ids_and_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="stages.compare"):
+        examples = pick_examples(BASELINE_ROWS, ADAPTER_ROWS[:3])  # adapter has a, b, c only
+
+    assert [example.id for example in examples] == ["b", "a", "c"]
+    assert "baseline has 5 example ids, adapter 3, 3 in common" in caplog.text
+
+
+def test_pick_examples_without_common_ids_is_an_error():
+    with pytest.raises(PipelineError, match="share no example id"):
+        pick_examples(BASELINE_ROWS[:2], ADAPTER_ROWS[2:])
+
+
+def test_report_examples_are_labelled_escaped_and_truncated():
+    long_dialogue = "Ann: " + "word " * 200
+    baseline_rows = [{**row, "prediction": "cats | dogs <file_photo>"} for row in BASELINE_ROWS]
+    adapter_rows = [{**row, "dialogue": long_dialogue} if row["id"] == "b" else row for row in ADAPTER_ROWS]
+    report = render_report(compare_metrics(BASELINE, ADAPTER), pick_examples(baseline_rows, adapter_rows))
+
+    assert (
+        report.index("### Best (largest ROUGE-L gain): `b`")
+        < report.index("### Median")
+        < report.index("### Worst")
+    )
+    assert "ROUGE-L 10.00 → 90.00 (+80.00)" in report
+    assert "ROUGE-L 40.00 → 20.00 (-20.00)" in report
+    assert "| reference b | cats \\| dogs &lt;file_photo&gt; | tuned summary b |" in report
+    dialogue_block = report.split("```text\n")[1].split("\n```")[0]
+    assert dialogue_block.endswith(" …")
+    assert len(dialogue_block) <= 602
+
+
+def write_inputs(root: Path) -> None:
+    (root / "metrics").mkdir()
+    (root / "data" / "predictions").mkdir(parents=True)
+    for model, metrics, rows in (("baseline", BASELINE, BASELINE_ROWS), ("adapter", ADAPTER, ADAPTER_ROWS)):
+        (root / "metrics" / f"{model}.json").write_text(json.dumps(metrics))
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
+        (root / "data" / "predictions" / f"{model}.jsonl").write_text(lines)
+
+
+def test_main_writes_comparison_plot_rows_and_report(tmp_path, monkeypatch):
+    write_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    compare.main()
+
+    comparison = json.loads(Path("metrics/compare.json").read_text())
+    assert comparison["delta"]["rouge1"] == 0.1634  # rounded to 6 decimals when written
+    assert comparison["delta"]["gen_len_mean"] == -19.5
+    assert comparison["examples"] == 4
+    rows = json.loads(Path("metrics/compare_rouge.json").read_text())
+    assert len(rows) == 8 and rows[1] == {
+        "metric": "rouge1", "model": "adapter", "bar": "rouge1 adapter", "score": 0.4134
+    }
+    report = Path("metrics/compare.md").read_text()
+    assert "| ROUGE-1 | 25.00 | 41.34 | +16.34 |" in report
+    assert "`b`" in report and "`c`" in report
+
+
+@pytest.mark.parametrize(
+    ("missing", "stage"),
+    [
+        ("metrics/adapter.json", "evaluate_adapter"),
+        ("metrics/baseline.json", "evaluate_baseline"),
+        ("data/predictions/baseline.jsonl", "evaluate_baseline"),
+    ],
+)
+def test_main_names_the_missing_file_and_its_stage(tmp_path, monkeypatch, missing, stage):
+    write_inputs(tmp_path)
+    (tmp_path / missing).unlink()
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(
+        PipelineError, match=re.escape(f"{missing} not found: it is written by the `{stage}` stage")
+    ):
+        compare.main()
+    assert not Path("metrics/compare.json").exists()
+
+
+def test_main_names_the_file_and_key_when_a_rouge_key_is_missing(tmp_path, monkeypatch):
+    write_inputs(tmp_path)
+    without_rouge2 = {key: value for key, value in ADAPTER.items() if key != "rouge2"}
+    (tmp_path / "metrics" / "adapter.json").write_text(json.dumps(without_rouge2))
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(PipelineError, match="metrics/adapter.json has no `rouge2`"):
+        compare.main()
+
+
+def test_main_rejects_rouge_in_percent(tmp_path, monkeypatch):
+    write_inputs(tmp_path)
+    (tmp_path / "metrics" / "baseline.json").write_text(json.dumps({**BASELINE, "rougeL": 20.0}))
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(PipelineError, match="`rougeL` is 20.0, not a fraction"):
+        compare.main()

@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from stages.errors import PipelineError
+from stages.params import Params, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_are_the_default_job():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.base_model == "meta-llama/Llama-3.2-1B-Instruct"
+    assert params.quantization.use_4bit and params.quantization.bnb_4bit_quant_type == "nf4"
+    assert params.quantization.bnb_4bit_use_double_quant and params.quantization.bnb_4bit_compute_dtype == "bfloat16"
+    assert (params.lora.r, params.lora.lora_alpha, params.lora.target_modules) == (8, 16, ["q_proj", "v_proj"])
+    assert params.lora.lora_dropout == 0.05
+    t = params.training
+    assert (t.num_train_epochs, t.per_device_train_batch_size, t.gradient_accumulation_steps) == (1, 4, 4)
+    assert (t.learning_rate, t.warmup_steps, t.logging_steps, t.save_steps, t.eval_steps) == (2e-4, 50, 10, 100, 100)
+    assert t.optim == "paged_adamw_8bit"
+    assert params.data.source == "knkarthick/samsum"
+
+
+def test_missing_keys_take_defaults_and_numbers_coerce():
+    params = parse_params({"training": {"learning_rate": "2e-4", "num_train_epochs": 2}})
+    assert params.training.learning_rate == pytest.approx(2e-4)
+    assert params.training.num_train_epochs == 2.0
+    assert params.lora == Params().lora
+
+
+def test_single_target_module_from_the_cli_becomes_a_list():
+    assert parse_params({"lora": {"target_modules": "q_proj"}}).lora.target_modules == ["q_proj"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"lora": {"rank": 4}}, "unknown key lora.rank; did you mean lora.r?"),
+        ({"trainig": {}}, "unknown key trainig; did you mean training?"),
+        ({"lora": {"zzz": 1}}, "unknown key lora.zzz; known keys of lora: r, lora_alpha, target_modules, lora_dropout"),
+        ({"lora": {"r": "8"}}, "lora.r is '8' (str); expected an integer"),
+        ({"lora": {"r": 0}}, "lora.r is 0; expected an integer > 0"),
+        ({"lora": {"r": 2.5}}, "lora.r is 2.5 (float); expected an integer"),
+        ({"lora": {"lora_dropout": 1.0}}, "lora.lora_dropout is 1.0; expected a number in [0, 1)"),
+        ({"lora": {"lora_dropout": -0.1}}, "lora.lora_dropout is -0.1; expected a number in [0, 1)"),
+        ({"lora": {"target_modules": []}}, "lora.target_modules is []; expected a non-empty list"),
+        ({"lora": {"target_modules": [1]}}, "lora.target_modules[0] is 1 (int); expected a string"),
+        ({"training": {"learning_rate": 0}}, "training.learning_rate is 0.0; expected a number > 0"),
+        ({"training": {"learning_rate": "fast"}}, "training.learning_rate is 'fast' (str); expected a number"),
+        ({"training": {"max_steps": 0}}, "training.max_steps is 0; expected -1 (use num_train_epochs)"),
+        ({"training": {"save_strategy": "always"}}, "training.save_strategy is 'always'; expected one of steps"),
+        ({"quantization": {"bnb_4bit_quant_type": "int4"}}, "bnb_4bit_quant_type is 'int4'; expected one of nf4, fp4"),
+        ({"quantization": {"bnb_4bit_compute_dtype": "fp8"}}, "bnb_4bit_compute_dtype is 'fp8'; expected one of"),
+        ({"quantization": {"use_4bit": "yes"}}, "quantization.use_4bit is 'yes' (str); expected true/false"),
+        ({"eval": {"max_new_tokens": 0}}, "eval.max_new_tokens is 0; expected an integer > 0"),
+        ({"eval": {"max_new_tokens": -5}}, "eval.max_new_tokens is -5; expected an integer > 0"),
+        ({"data": {"train_samples": 0}}, "data.train_samples is 0; expected null (all rows) or an integer > 0"),
+        ({"prompt": {"max_length": 8}}, "prompt.max_length is 8; expected an integer >= 16"),
+        ({"model": "llama"}, "model must be a mapping of keys"),
+        ({"seed": None}, "seed is None (NoneType); expected an integer"),
+    ],
+)
+def test_bad_params_name_the_key_and_what_is_accepted(raw, message):
+    with pytest.raises(PipelineError) as err:
+        parse_params(raw)
+    text = str(err.value)
+    assert text.startswith("params.yaml: ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_unreadable_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("lora: [r: 8\n")
+    with pytest.raises(PipelineError, match=r"not valid YAML") as err:
+        load_params(bad)
+    assert "\n" not in str(err.value)

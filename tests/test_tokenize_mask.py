@@ -1,0 +1,127 @@
+import copy
+
+import pytest
+
+from stages.errors import PipelineError
+from stages.params import PromptParams
+from stages.prompt import IGNORE_INDEX, build_example, end_of_turn_ids, generation_prompt_ids, has_generation_markers
+from stages.tokenize_mask import tokenize_split
+
+INSTRUCTION = "Summarize this dialogue."
+DIALOGUE = "Anna: Are we still on for lunch?\nTom: Yes, 1 pm at the Italian place.\nAnna: Great, see you!"
+SUMMARY = "Anna and Tom will have lunch at the Italian place at 1 pm."
+DATE = "26 Jul 2024"
+
+# Shaped like Llama 3.2's own template: a system header that prints a date, no {% generation %} markers.
+LLAMA32_LIKE = (
+    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023\nToday Date: {{ date_string | default('01 Jan 2000') }}\n\n<|eot_id|>"
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+# ChatML-style: the turn ends with a marker and then a newline, which must not carry loss.
+CHATML_LIKE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# The generation prompt differs from how the full conversation renders the assistant header.
+NOT_A_PREFIX = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|start_header_id|>assistant: "
+    "{{ m['content'] }}<|eot_id|>{% else %}<|start_header_id|>user<|end_header_id|>\n\n{{ m['content'] }}"
+    "<|eot_id|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def with_template(tokenizer, template):
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = template
+    return other
+
+
+def loss_text(tokenizer, example):
+    return tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
+
+
+def test_tiny_template_has_generation_markers(tiny_tokenizer):
+    assert has_generation_markers(tiny_tokenizer)
+    assert not has_generation_markers(with_template(tiny_tokenizer, LLAMA32_LIKE))
+
+
+@pytest.mark.parametrize("template", [None, LLAMA32_LIKE], ids=["generation-markers", "llama32-no-markers"])
+def test_only_summary_and_end_of_turn_carry_loss(tiny_tokenizer, template):
+    tok = tiny_tokenizer if template is None else with_template(tiny_tokenizer, template)
+    example = build_example(tok, INSTRUCTION, DIALOGUE, SUMMARY, 512, DATE)
+    assert len(example.input_ids) == len(example.labels)
+    assert loss_text(tok, example) == SUMMARY + "<|eot_id|>"
+    # Token by token: every label is either ignored or equal to its input id, and the loss tokens are one
+    # contiguous run at the very end.
+    carried = [i for i, t in enumerate(example.labels) if t != IGNORE_INDEX]
+    assert all(example.labels[i] == example.input_ids[i] for i in carried)
+    assert carried == list(range(carried[0], len(example.input_ids)))
+    prompt = generation_prompt_ids(tok, INSTRUCTION, DIALOGUE, DATE)
+    assert example.input_ids[: len(prompt)] == prompt and carried[0] == len(prompt)
+    assert tok.decode(example.input_ids).count(tok.bos_token) == 1
+    assert not example.truncated
+
+
+def test_fixed_date_reaches_templates_that_print_one(tiny_tokenizer):
+    tok = with_template(tiny_tokenizer, LLAMA32_LIKE)
+    a = build_example(tok, INSTRUCTION, DIALOGUE, SUMMARY, 512, "26 Jul 2024")
+    b = build_example(tok, INSTRUCTION, DIALOGUE, SUMMARY, 512, "01 Aug 2031")
+    assert "Today Date: 26 Jul 2024" in tok.decode(a.input_ids)
+    assert a.input_ids != b.input_ids
+    assert loss_text(tok, a) == loss_text(tok, b)
+
+
+def test_trailing_newline_after_end_of_turn_carries_no_loss(tiny_tokenizer):
+    tok = with_template(tiny_tokenizer, CHATML_LIKE)
+    example = build_example(tok, INSTRUCTION, DIALOGUE, SUMMARY, 512, DATE)
+    assert loss_text(tok, example) == SUMMARY + "<|im_end|>"
+    assert tok.decode(example.input_ids).endswith("<|im_end|>\n")
+
+
+def test_template_whose_prompt_is_not_a_prefix_fails_loudly(tiny_tokenizer):
+    tok = with_template(tiny_tokenizer, NOT_A_PREFIX)
+    with pytest.raises(PipelineError, match="not a prefix of the full conversation"):
+        build_example(tok, INSTRUCTION, DIALOGUE, SUMMARY, 512, DATE)
+
+
+def test_long_dialogue_is_shortened_and_the_summary_kept(tiny_tokenizer):
+    lines = [f"Tom: line {i} about the trip to the lake and who brings the tent" for i in range(60)]
+    dialogue = "\n".join(lines)
+    full = build_example(tiny_tokenizer, INSTRUCTION, dialogue, SUMMARY, 10_000, DATE)
+    example = build_example(tiny_tokenizer, INSTRUCTION, dialogue, SUMMARY, 128, DATE)
+    assert len(full.input_ids) > 128 and not full.truncated
+    assert example.truncated and 120 <= len(example.input_ids) <= 128
+    assert loss_text(tiny_tokenizer, example) == SUMMARY + "<|eot_id|>"
+    text = tiny_tokenizer.decode(example.input_ids)
+    assert "line 0 about" in text and "line 59" not in text
+
+
+def test_example_whose_summary_cannot_fit_is_dropped(tiny_tokenizer):
+    long_summary = " ".join(["Anna and Tom will meet at the Italian place."] * 20)
+    assert build_example(tiny_tokenizer, INSTRUCTION, DIALOGUE, long_summary, 64, DATE) is None
+
+
+def test_end_of_turn_is_the_templates_closing_token(tiny_tokenizer):
+    assert tiny_tokenizer.convert_ids_to_tokens(end_of_turn_ids(tiny_tokenizer, DATE)) == ["<|eot_id|>"]
+
+
+def test_split_statistics_match_the_examples(tiny_tokenizer):
+    rows = [
+        {"id": "a", "dialogue": DIALOGUE, "summary": SUMMARY},
+        {"id": "b", "dialogue": "Zoë: Can you feed the cat? 🐱\nJosé: Sure.", "summary": "José will feed Zoë's cat."},
+        {"id": "c", "dialogue": DIALOGUE, "summary": " ".join([SUMMARY] * 30)},
+    ]
+    prompt = PromptParams(instruction=INSTRUCTION, max_length=120, date_string=DATE)
+    columns, stats = tokenize_split(tiny_tokenizer, rows, prompt)
+    assert stats["examples"] == 2 and stats["dropped_summary_too_long"] == 1
+    assert columns["length"] == [len(ids) for ids in columns["input_ids"]]
+    loss = sum(t != IGNORE_INDEX for labels in columns["labels"] for t in labels)
+    assert stats["loss_token_fraction"] == round(loss / sum(columns["length"]), 4)
+    assert stats["length_max"] == max(columns["length"]) and stats["tokens"] == sum(columns["length"])
+    assert tiny_tokenizer.decode([t for t in columns["labels"][1] if t != IGNORE_INDEX]) == (
+        "José will feed Zoë's cat.<|eot_id|>"
+    )
