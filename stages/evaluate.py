@@ -143,7 +143,7 @@ def evaluate(which: str) -> None:
                 "new_tokens": g.new_tokens,
                 "stopped": g.stopped,
             }
-            for r, g, s in zip(rows, generations, per_example)
+            for r, g, s in zip(rows, generations, per_example, strict=True)
         ),
     )
     metrics = {k: round(means[k], 6) for k in ROUGE_KEYS}

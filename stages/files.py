@@ -79,5 +79,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise PipelineError(f"{path}:{number}: not valid JSON ({err.msg}); re-run the stage that writes it")
+                    raise PipelineError(
+                        f"{path}:{number}: not valid JSON ({err.msg}); re-run the stage that writes it"
+                    ) from None
     return rows

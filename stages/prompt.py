@@ -125,7 +125,7 @@ def build_example(
             if len(ids) <= max_length:
                 break
             keep -= max(1, len(ids) - max_length)
-    labels = [tok if m else IGNORE_INDEX for tok, m in zip(ids, mask)]
+    labels = [tok if m else IGNORE_INDEX for tok, m in zip(ids, mask, strict=True)]
     return Example(input_ids=ids, labels=labels, truncated=truncated)
 
 
@@ -133,7 +133,7 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, date_string: str) -> lis
     """Token ids that close an assistant turn in this template (e.g. <|eot_id|>), found by rendering one."""
     probe = "ok"
     ids, mask = summary_token_mask(tokenizer, "", "-", probe, date_string)
-    labelled = [t for t, m in zip(ids, mask) if m]
+    labelled = [t for t, m in zip(ids, mask, strict=True) if m]
     content = _encode(tokenizer, probe)
     tail = labelled[len(content):] if labelled[: len(content)] == content else labelled[-1:]
     return tail or labelled[-1:]
