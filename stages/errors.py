@@ -14,6 +14,7 @@ class PipelineError(Exception):
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer on every call
     try:
         main()
     except PipelineError as err:

@@ -41,14 +41,15 @@ def choose_device(quant: QuantizationParams, optim: str = "adamw_torch") -> Devi
         return DevicePolicy("cuda", dtype, optim, dtype == torch.bfloat16, f"CUDA: {quant.bnb_4bit_compute_dtype}")
     # bf16 matmuls are ~2x slower than fp32 on CPUs without AMX, and the paged 8-bit optimizers need CUDA.
     cpu_optim = "adamw_torch" if ("8bit" in optim or "paged" in optim) else optim
-    return DevicePolicy(
-        "cpu",
-        torch.float32,
-        cpu_optim,
-        False,
-        f"no CUDA device: computing in float32 (not {quant.bnb_4bit_compute_dtype}) with {cpu_optim} "
-        f"(not {optim}), which run faster or only this way on CPU",
+    changed = []
+    if quant.bnb_4bit_compute_dtype != "float32":
+        changed.append(f"float32 compute instead of {quant.bnb_4bit_compute_dtype}")
+    if cpu_optim != optim:
+        changed.append(f"{cpu_optim} instead of {optim}")
+    reason = "no CUDA device, running on CPU" + (
+        f" with {' and '.join(changed)} (faster there, and the paged 8-bit optimizers need CUDA)" if changed else ""
     )
+    return DevicePolicy("cpu", torch.float32, cpu_optim, False, reason)
 
 
 def is_local(name: str) -> bool:

@@ -84,6 +84,7 @@ class TrainingParams:
     eval_steps: int = 100
     per_device_eval_batch_size: int = 8
     optim: str = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
 
 
 @dataclass(frozen=True)

@@ -62,12 +62,15 @@ def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
 def add_lora(base: torch.nn.Module, params: Params, policy: DevicePolicy) -> torch.nn.Module:
     """Wrap the base with LoRA adapters (seeded), after preparing a 4-bit base for training."""
     check_target_modules(base, params.lora.target_modules)
+    checkpointing = params.training.gradient_checkpointing
+    # Non-reentrant checkpointing: the reentrant kind drops gradients of inputs that don't require them.
+    checkpointing_kwargs = {"use_reentrant": False}
     if params.quantization.use_4bit:
         base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+            base, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=checkpointing_kwargs
         )
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         base.enable_input_require_grads()
     set_seed(params.seed)  # LoRA's A matrices are initialised randomly inside get_peft_model
     config = LoraConfig(
@@ -151,8 +154,8 @@ def peak_memory_gib(policy: DevicePolicy) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def directory_mb(path: str | Path) -> float:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e6
+def file_mb(path: str | Path) -> float:
+    return Path(path).stat().st_size / 1e6
 
 
 def main() -> None:
@@ -223,11 +226,12 @@ def main() -> None:
             "trainable_params": trainable,
             "total_params": total,
             "trainable_percent": round(100 * trainable / total, 4),
-            "adapter_mb": round(directory_mb(Path(ADAPTER) / "adapter_model.safetensors"), 3),
+            "adapter_mb": round(file_mb(Path(ADAPTER) / "adapter_model.safetensors"), 3),
             "peak_memory_gib": round(peak_memory_gib(policy), 3),
             **policy.describe(),
             "quantized": params.quantization.use_4bit,
             "optim": policy.optim,
+            "gradient_checkpointing": params.training.gradient_checkpointing,
         },
     )
     log.info("adapter saved to %s", ADAPTER)

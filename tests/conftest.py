@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = ROOT / "offline" / "tiny-llama"
+TINY_MODEL = Path(os.environ.get("TEST_TINY_MODEL", ROOT / "offline" / "tiny-llama"))
 # What a fresh clone holds that the pipeline needs (generated outputs are left behind).
 PROJECT_FILES = ["stages", "offline", "data/samples", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
                  ".gitignore"]
