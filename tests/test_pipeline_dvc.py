@@ -1,0 +1,142 @@
+"""End to end through DVC on the offline profile, in a throwaway git repository (as a user would run it)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import git, make_project, offline_params, run_dvc
+
+pytestmark = pytest.mark.slow
+STAGES = ["prepare", "tokenize_mask", "train", "evaluate_baseline", "evaluate_adapter", "compare"]
+ROUGE = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+
+
+def ran(output: str) -> list[str]:
+    """The stages DVC says it ran, in order."""
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def skipped(output: str) -> list[str]:
+    return re.findall(r"Stage '([\w-]+)' didn't change, skipping", output)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def commit_all(repo: Path, message: str) -> None:
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message)
+
+
+def test_data_stages_run_once_and_rerun_only_what_a_param_touches(tmp_path):
+    repo = make_project(tmp_path / "repo", offline_params())
+    first = run_dvc(repo, "repro", "tokenize_mask")
+    assert ran(first.stdout) == ["prepare", "tokenize_mask"]
+    for split in ("train", "validation", "test"):
+        assert (repo / f"data/prepared/{split}.jsonl").is_file()
+    assert (repo / "data/tokenized/dataset_dict.json").is_file()
+    assert read_json(repo / "metrics/data.json")["train"]["rows_out"] == 320
+    assert read_json(repo / "metrics/tokens.json")["train"]["examples"] == 320
+
+    again = run_dvc(repo, "repro", "tokenize_mask")
+    assert ran(again.stdout) == []
+    assert sorted(skipped(again.stdout)) == ["prepare", "tokenize_mask"]
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["prompt"]["max_length"] = 200
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run_dvc(repo, "repro", "tokenize_mask")
+    assert ran(changed.stdout) == ["tokenize_mask"]
+    assert skipped(changed.stdout) == ["prepare"]
+    assert read_json(repo / "metrics/tokens.json")["train"]["length_max"] <= 200
+
+
+def test_samsum_style_folder_without_ids_flows_through_the_data_stages(tmp_path):
+    folder = tmp_path / "my-dialogues"
+    folder.mkdir()
+    samples = Path(__file__).resolve().parents[1] / "data" / "samples"
+    for split in ("train", "validation", "test"):
+        rows = json.loads((samples / f"{split}.json").read_text())[:12]
+        (folder / f"{split}.json").write_text(json.dumps([{"dialogue": r["dialogue"], "summary": r["summary"]}
+                                                          for r in rows]))
+    repo = make_project(tmp_path / "repo", offline_params())
+    out = run_dvc(repo, "exp", "run", "-S", f"data.source={folder}", "tokenize_mask")
+    assert ran(out.stdout) == ["prepare", "tokenize_mask"]
+    rows = [json.loads(line) for line in (repo / "data/prepared/train.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(re.fullmatch(r"train-[0-9a-f]{12}", r["id"]) for r in rows)
+    assert read_json(repo / "metrics/tokens.json")["validation"]["examples"] == 12
+
+
+def test_offline_pipeline_end_to_end(tmp_path):
+    repo = make_project(tmp_path / "repo", offline_params())
+
+    first = run_dvc(repo, "exp", "run")
+    assert sorted(ran(first.stdout)) == sorted(STAGES)
+    baseline = read_json(repo / "metrics/baseline.json")
+    adapter = read_json(repo / "metrics/adapter.json")
+    for key in ROUGE:  # the fine-tune must clearly beat the untuned base on every metric
+        assert adapter[key] > baseline[key] + 0.1, (key, baseline[key], adapter[key])
+    train = read_json(repo / "metrics/train.json")
+    assert train["quantized"] is True and train["device"] == "cpu" and train["steps"] == 120
+    assert (repo / "models/adapter/adapter_model.safetensors").is_file()
+    assert "| metric | baseline | fine-tuned | change |" in (repo / "metrics/compare.md").read_text()
+    commit_all(repo, "offline run")
+
+    again = run_dvc(repo, "repro")
+    assert ran(again.stdout) == [] and sorted(skipped(again.stdout)) == sorted(STAGES)
+
+    r16 = run_dvc(repo, "exp", "run", "-S", "lora.r=16")
+    assert ran(r16.stdout) == ["train", "evaluate_adapter", "compare"]
+    assert sorted(skipped(r16.stdout)) == ["evaluate_baseline", "prepare", "tokenize_mask"]
+    assert read_json(repo / "models/adapter/adapter_config.json")["r"] == 16
+
+    diff = json.loads(run_dvc(repo, "metrics", "diff", "--all", "--json").stdout)
+    for which in ("baseline", "adapter"):
+        assert set(ROUGE) <= set(diff[f"metrics/{which}.json"])
+    assert diff["metrics/baseline.json"]["rouge1"]["diff"] == 0
+    assert diff["metrics/train.json"]["trainable_params"]["diff"] > 0
+
+    shown = run_dvc(repo, "exp", "show", "--csv").stdout
+    header = shown.splitlines()[0].split(",")
+    assert "lora.r" in header and "rougeL" in ",".join(header) and "train_loss" in header
+
+    plots = run_dvc(repo, "plots", "show", "--json").stdout
+    assert "metrics/compare_rouge.json" in plots and "loss.tsv" in plots
+
+
+def test_saved_adapter_reloads_with_plain_peft_and_reproduces_predictions(tmp_path):
+    """Plain transformers + peft, no project code: the logged predictions come back token for token."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    repo = make_project(tmp_path / "repo", offline_params(eval={"max_samples": 4}))
+    run_dvc(repo, "repro", "evaluate_adapter")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(repo / "models/adapter")
+    base = AutoModelForCausalLM.from_pretrained(
+        repo / params["model"]["base_model"],
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
+        dtype=torch.float32,
+    )
+    model = PeftModel.from_pretrained(base, repo / "models/adapter").eval()
+    rows = [json.loads(line) for line in (repo / "data/predictions/adapter.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for row in rows[:3]:
+        content = params["prompt"]["instruction"] + "\n\n" + row["dialogue"]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True, date_string=params["prompt"]["date_string"])
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=params["eval"]["max_new_tokens"], do_sample=False,
+                                 eos_token_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"),
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert new == row["prediction"]
