@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from stages.evaluate import _decode, generate, stop_token_ids
+from stages.prompt import generation_prompt_ids
+
+DATE = "26 Jul 2024"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+
+
+def test_decoding_stops_at_the_first_end_of_turn(tiny_tokenizer):
+    eot = tiny_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    words = tiny_tokenizer("Anna will call Tom.", add_special_tokens=False)["input_ids"]
+    done = _decode(tiny_tokenizer, [*words, eot, *words], [eot])
+    assert (done.text, done.new_tokens, done.stopped) == ("Anna will call Tom.", len(words), True)
+    cut = _decode(tiny_tokenizer, words, [eot])
+    assert (cut.text, cut.stopped) == ("Anna will call Tom.", False)
+    assert _decode(tiny_tokenizer, [eot], [eot]).text == ""
+
+
+def test_stop_ids_include_the_templates_end_of_turn(tiny_tokenizer, tiny_model):
+    stops = stop_token_ids(tiny_tokenizer, tiny_model, DATE)
+    assert stops[0] == tiny_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert len(stops) == len(set(stops))
+
+
+def test_batched_left_padded_generation_matches_one_at_a_time_and_holds_only_new_tokens(tiny_tokenizer, tiny_model):
+    dialogues = [
+        "Anna: Lunch at 1?\nTom: Sure.",
+        "Zoë: Can you feed the cat this weekend? I'm away until Sunday evening.\nJosé: Of course, leave the key.",
+        "Mia: Running late, sorry!",
+    ]
+    prompts = [generation_prompt_ids(tiny_tokenizer, "Summarize this dialogue.", d, DATE) for d in dialogues]
+    stops = stop_token_ids(tiny_tokenizer, tiny_model, DATE)
+    batched = generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=12, batch_size=3, stop_ids=stops)
+    for prompt, result in zip(prompts, batched, strict=True):
+        with torch.no_grad():
+            out = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                                      pad_token_id=tiny_tokenizer.pad_token_id)
+        expected = _decode(tiny_tokenizer, out[0, len(prompt):].tolist(), stops)
+        assert result == expected
+        assert "Summarize" not in result.text and result.new_tokens <= 12

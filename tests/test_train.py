@@ -1,0 +1,99 @@
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY_MODEL, offline_params
+from stages.errors import PipelineError
+from stages.params import parse_params
+from stages.train import RUN_FINGERPRINT, check_target_modules, checkpoint_to_resume, run_fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_target_modules_list_the_ones_the_model_has():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+    check_target_modules(model, ["q_proj", "v_proj"])
+    with pytest.raises(PipelineError) as err:
+        check_target_modules(model, ["q_proj", "query"])
+    message = str(err.value)
+    assert "lora.target_modules names ['query']" in message
+    for name in ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"):
+        assert name in message
+
+
+def test_fingerprint_follows_training_params_and_data(tmp_path):
+    data = tmp_path / "tokenized"
+    data.mkdir()
+    (data / "a.arrow").write_bytes(b"1234")
+    params = parse_params({})
+    base = run_fingerprint(params, data)
+    assert run_fingerprint(params, data) == base
+    assert run_fingerprint(replace(params, lora=replace(params.lora, r=16)), data) != base
+    assert run_fingerprint(replace(params, seed=1), data) != base
+    # Evaluation params don't touch the checkpoints.
+    assert run_fingerprint(replace(params, eval=replace(params.eval, batch_size=1)), data) == base
+    (data / "a.arrow").write_bytes(b"1235")
+    assert run_fingerprint(params, data) != base
+
+
+def test_checkpoints_are_resumed_only_for_the_same_fingerprint(tmp_path):
+    folder = tmp_path / "checkpoints"
+    assert checkpoint_to_resume("aaa", folder) is None  # nothing yet: start, and mark the folder
+    assert json.loads((folder / RUN_FINGERPRINT).read_text()) == {"fingerprint": "aaa"}
+    for step in (2, 4):
+        (folder / f"checkpoint-{step}").mkdir()
+        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert checkpoint_to_resume("aaa", folder) == str(folder / "checkpoint-4")
+    assert checkpoint_to_resume("bbb", folder) is None  # other params: cleared, start clean
+    assert not (folder / "checkpoint-4").exists()
+    assert json.loads((folder / RUN_FINGERPRINT).read_text()) == {"fingerprint": "bbb"}
+
+
+def run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
+    params = offline_params(
+        model={"base_model": str(TINY_MODEL)},
+        data={"train_samples": 48, "validation_samples": 8, "test_samples": 4},
+        training={"max_steps": 6, "save_steps": 3, "eval_steps": 3, "logging_steps": 1,
+                  "per_device_train_batch_size": 4, "save_total_limit": 5},
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "samples").symlink_to(ROOT / "data" / "samples")
+    run_stage(tmp_path, "stages.prepare")
+    run_stage(tmp_path, "stages.tokenize_mask")
+
+    run_stage(tmp_path, "stages.train")
+    whole = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert whole["steps"] == 6 and whole["resumed_from_step"] == 0
+    losses = [e["loss"] for e in json.loads(
+        (tmp_path / "models/checkpoints/checkpoint-6/trainer_state.json").read_text())["log_history"] if "loss" in e]
+
+    # As if the run had been killed after step 3: the later checkpoint and the adapter never got written.
+    import shutil
+
+    shutil.rmtree(tmp_path / "models/checkpoints/checkpoint-6")
+    shutil.rmtree(tmp_path / "models/adapter")
+    run_stage(tmp_path, "stages.train")
+    resumed = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6
+    history = json.loads((tmp_path / "models/checkpoints/checkpoint-6/trainer_state.json").read_text())["log_history"]
+    resumed_losses = [e["loss"] for e in history if "loss" in e]
+    assert resumed_losses == pytest.approx(losses, rel=1e-3)
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-3)
+    assert (tmp_path / "models/adapter/adapter_model.safetensors").is_file()
