@@ -85,6 +85,7 @@ class TrainingParams:
     per_device_eval_batch_size: int = 8
     optim: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
+    padding_free: bool = True
 
 
 @dataclass(frozen=True)

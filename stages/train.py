@@ -28,10 +28,11 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.integrations import DVCLiveCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from stages.batching import PadCollator
+from stages.batching import FlatCollator, PadCollator
 from stages.errors import PipelineError, run_stage
 from stages.files import atomic_dir, write_json
 from stages.modeling import DevicePolicy, choose_device, load_base_model, load_tokenizer
+from stages.objective import summary_loss
 from stages.params import Params, load_params
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
 def add_lora(base: torch.nn.Module, params: Params, policy: DevicePolicy) -> torch.nn.Module:
     """Wrap the base with LoRA adapters (seeded), after preparing a 4-bit base for training."""
     check_target_modules(base, params.lora.target_modules)
+    # A KV cache is useless in training, and its presence stops transformers from reading packed sequences.
+    base.config.use_cache = False
     checkpointing = params.training.gradient_checkpointing
     # Non-reentrant checkpointing: the reentrant kind drops gradients of inputs that don't require them.
     checkpointing_kwargs = {"use_reentrant": False}
@@ -111,6 +114,7 @@ def training_arguments(params: Params, policy: DevicePolicy, has_eval: bool) -> 
         data_seed=params.seed,
         report_to="none",  # curves go through our own DVCLiveCallback: report_to="dvclive" rewrites dvc.yaml
         remove_unused_columns=False,
+        prediction_loss_only=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         use_cpu=policy.device == "cpu",
@@ -145,6 +149,13 @@ def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS
     checkpoints.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
     return None
+
+
+def tokens_seen(checkpoint: str | None) -> int:
+    """Non-padding tokens trained on before `checkpoint` (0 for a fresh run)."""
+    if checkpoint is None:
+        return 0
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
 
 
 def peak_memory_gib(policy: DevicePolicy) -> float:
@@ -184,18 +195,16 @@ def main() -> None:
         args=training_arguments(params, policy, has_eval),
         train_dataset=data["train"],
         eval_dataset=data["validation"] if has_eval else None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=FlatCollator() if params.training.padding_free else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
+        compute_loss_func=summary_loss,
         callbacks=[DVCLiveCallback(live=live)],
     )
-    tokens_before = 0
-    if resume_from:
-        state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
-        tokens_before = state.get("num_input_tokens_seen", 0)
     start = time.perf_counter()
     try:
+        tokens_before = tokens_seen(resume_from)
         result = trainer.train(resume_from_checkpoint=resume_from)
-    except (OSError, RuntimeError, ValueError, KeyError) as err:
+    except (OSError, RuntimeError, ValueError, KeyError) as err:  # json's error is a ValueError
         if resume_from is None:
             raise
         raise PipelineError(
@@ -232,6 +241,7 @@ def main() -> None:
             "quantized": params.quantization.use_4bit,
             "optim": policy.optim,
             "gradient_checkpointing": params.training.gradient_checkpointing,
+            "padding_free": params.training.padding_free,
         },
     )
     log.info("adapter saved to %s", ADAPTER)

@@ -13,7 +13,8 @@ def test_pads_inputs_with_pad_id_and_labels_with_ignore_index():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 10, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "logits_to_keep"}
+    assert batch["logits_to_keep"].tolist() == [0, 1, 2]  # positions whose next token carries loss in a row
 
 
 def test_labels_are_kept_not_rebuilt_from_inputs():

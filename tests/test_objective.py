@@ -1,0 +1,119 @@
+"""The fast training path (padding-free rows, logits only where the loss is) computes the same thing as the
+plain padded path: the same per-example losses and the same gradients."""
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from stages.batching import FlatCollator, PadCollator
+from stages.objective import loss_positions, summary_loss
+from stages.prompt import IGNORE_INDEX, build_example
+
+DATE = "26 Jul 2024"
+PAIRS = [
+    ("Anna: Lunch at 1?\nTom: Sure, the Italian place.", "Anna and Tom will have lunch at the Italian place at 1."),
+    ("Zoë: Can you feed the cat this weekend? I'm away until Sunday.\nJosé: Of course, leave the key under the mat.",
+     "José will feed Zoë's cat this weekend."),
+    ("Mia: Running late, sorry!", "Mia is late."),
+]
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32, attn_implementation="sdpa")
+    base.config.use_cache = False
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            lora_dropout=0.0, init_lora_weights=False))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def features(tiny_tokenizer):
+    examples = [build_example(tiny_tokenizer, "Summarize this dialogue.", d, s, 512, DATE) for d, s in PAIRS]
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+
+def reference_losses(model, features) -> list[float]:
+    """The model's own loss, one example at a time: no padding, no neighbours."""
+    out = []
+    with torch.no_grad():
+        for f in features:
+            out.append(model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss.item())
+    return out
+
+
+def per_example_losses(model, batch: dict) -> list[float]:
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    keep = batch["logits_to_keep"]
+    targets = labels[:, keep + 1]
+    token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none",
+                                                   ignore_index=IGNORE_INDEX).view(targets.shape)
+    if "position_ids" in batch:  # one row: the example of a position is the count of restarts before it
+        example = (batch["position_ids"][0] == 0).cumsum(0)[keep + 1] - 1
+        rows = [token_loss[0][(example == i) & (targets[0] != IGNORE_INDEX)] for i in range(int(example.max()) + 1)]
+    else:
+        rows = [token_loss[i][targets[i] != IGNORE_INDEX] for i in range(targets.shape[0])]
+    return [r.mean().item() for r in rows]
+
+
+def test_only_positions_before_summary_tokens_get_logits(features):
+    batch = PadCollator(pad_token_id=0)(features)
+    keep = batch["logits_to_keep"]
+    assert torch.equal((batch["labels"][:, keep + 1] != IGNORE_INDEX).any(0), torch.ones(len(keep), dtype=torch.bool))
+    assert len(keep) < batch["labels"].shape[1] / 2  # most positions are prompt: no logits for them
+
+
+def test_flat_rows_restart_positions_and_never_target_an_examples_first_token(features):
+    batch = FlatCollator()(features)
+    starts = (batch["position_ids"][0] == 0).nonzero().squeeze(-1).tolist()
+    assert starts == [0, len(features[0]["input_ids"]), len(features[0]["input_ids"]) + len(features[1]["input_ids"])]
+    assert all(batch["labels"][0, s] == IGNORE_INDEX for s in starts)
+    assert batch["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))
+    assert "attention_mask" not in batch
+
+
+@pytest.mark.parametrize("collator", [PadCollator(pad_token_id=0), FlatCollator()], ids=["padded", "padding-free"])
+def test_per_example_losses_match_one_at_a_time(lora_model, features, collator):
+    expected = reference_losses(lora_model, features)
+    assert per_example_losses(lora_model, collator(features)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_batch_loss_is_the_mean_over_summary_tokens_in_both_layouts(lora_model, features):
+    counts = [sum(t != IGNORE_INDEX for t in f["labels"][1:]) for f in features]
+    expected = reference_losses(lora_model, features)
+    token_mean = sum(loss * n for loss, n in zip(expected, counts, strict=True)) / sum(counts)
+    for collator in (PadCollator(pad_token_id=0), FlatCollator()):
+        batch = collator(features)
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            loss = summary_loss(lora_model(**batch), labels)
+        assert loss.item() == pytest.approx(token_mean, rel=1e-4)
+        # Normalised by a step-wide token count, as the Trainer does under gradient accumulation.
+        with torch.no_grad():
+            half = summary_loss(lora_model(**batch), labels, num_items_in_batch=2 * sum(counts))
+        assert half.item() == pytest.approx(token_mean / 2, rel=1e-4)
+
+
+def test_gradients_match_between_padded_and_padding_free(lora_model, features):
+    grads = []
+    for collator in (PadCollator(pad_token_id=0), FlatCollator()):
+        lora_model.zero_grad()
+        batch = collator(features)
+        labels = batch.pop("labels")
+        summary_loss(lora_model(**batch), labels).backward()
+        grads.append({n: p.grad.clone() for n, p in lora_model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-6, msg=name)
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_loss_positions_are_shifted_by_one():
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6], [IGNORE_INDEX, 7, IGNORE_INDEX, IGNORE_INDEX]])
+    assert loss_positions(labels).tolist() == [0, 1, 2]
