@@ -22,10 +22,8 @@ from pathlib import Path
 
 import torch
 from datasets import DatasetDict, load_from_disk
-from dvclive import Live
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.integrations import DVCLiveCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from stages.batching import FlatCollator, PadCollator
@@ -151,6 +149,19 @@ def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS
     return None
 
 
+def curves_callback(resume: bool) -> list:
+    """transformers' DVCLiveCallback writing to CURVES; dvc.yaml declares the plots (dvcyaml=None keeps
+    dvclive from rewriting dvc.yaml inside a running stage)."""
+    try:
+        from dvclive import Live
+    except ImportError:  # a bare environment (e.g. a GPU box running the stage modules directly)
+        log.warning("dvclive is not installed: no training curves in %s", CURVES)
+        return []
+    from transformers.integrations import DVCLiveCallback
+
+    return [DVCLiveCallback(live=Live(CURVES, dvcyaml=None, save_dvc_exp=False, resume=resume, report=None))]
+
+
 def tokens_seen(checkpoint: str | None) -> int:
     """Non-padding tokens trained on before `checkpoint` (0 for a fresh run)."""
     if checkpoint is None:
@@ -188,7 +199,7 @@ def main() -> None:
     resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))
     if resume_from:
         log.info("resuming from %s", resume_from)
-    live = Live(CURVES, dvcyaml=None, save_dvc_exp=False, resume=bool(resume_from), report=None)
+    callbacks = curves_callback(resume=bool(resume_from))
     has_eval = "validation" in data and len(data["validation"]) > 0
     trainer = Trainer(
         model=model,
@@ -198,7 +209,7 @@ def main() -> None:
         data_collator=FlatCollator() if params.training.padding_free else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         compute_loss_func=summary_loss,
-        callbacks=[DVCLiveCallback(live=live)],
+        callbacks=callbacks,
     )
     start = time.perf_counter()
     try:
@@ -213,7 +224,8 @@ def main() -> None:
         ) from None
     runtime = time.perf_counter() - start
     eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
-    live.end()
+    for callback in callbacks:
+        callback.live.end()
 
     with atomic_dir(ADAPTER) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -1,0 +1,111 @@
+"""What every benchmark reports besides its numbers: the device, library versions, peak memory, the table, the JSON."""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import json
+import platform
+import re
+import resource
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), model)
+    return f"CPU ({model or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def device_slug() -> str:
+    """`nvidia-h200` for an NVIDIA H200, `cpu` without CUDA: the device part of the results file name."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version(), "cuda": torch.version.cuda}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def memory_kind() -> str:
+    if torch.cuda.is_available():
+        return "torch.cuda.max_memory_allocated, reset before each setup"
+    return "process peak RSS (no GPU): includes everything loaded before, never reset between setups"
+
+
+def reset_memory() -> None:
+    """Free what earlier setups left behind and restart the peak-memory count."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def header(benchmark: str, config: dict[str, Any]) -> dict[str, Any]:
+    now = datetime.now(timezone.utc)
+    return {
+        "benchmark": benchmark,
+        "date": now.strftime("%Y-%m-%d"),
+        "time_utc": now.strftime("%H:%M:%S"),
+        "device": device_name(),
+        "versions": versions(),
+        "peak_memory": memory_kind(),
+        "config": config,
+    }
+
+
+def write_results(report: dict[str, Any], out_dir: str | Path = RESULTS, tiny: bool = False) -> Path:
+    """Write `report` to <out_dir>/<benchmark>-<device>[-tiny]-<date>.json and return the path."""
+    name = f"{report['benchmark']}-{device_slug()}{'-tiny' if tiny else ''}-{report['date']}.json"
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def table(columns: list[tuple[str, str]], rows: list[dict[str, Any]]) -> str:
+    """A plain-text table: `columns` are (header, key) pairs; missing values print as '-'."""
+    cells = [[h for h, _ in columns]] + [[_cell(row.get(key)) for _, key in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)

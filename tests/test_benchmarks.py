@@ -1,0 +1,127 @@
+"""Smoke tests of the benchmark suite on CPU: the length model, the random Llama, and both benchmarks in --tiny form."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from benchmarks import bench_eval, bench_train
+from benchmarks.lengths import IGNORE_INDEX, SAMSUM, examples_for, ordinary_token_ids, prompts_of, sample_lengths
+from benchmarks.llama_shaped import build_llama_1b_shaped, default_tokenizer_dir
+from conftest import TINY_MODEL
+
+HEADER_KEYS = {"benchmark", "date", "device", "versions", "peak_memory", "config", "results"}
+
+
+@pytest.fixture(scope="module")
+def bench_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if (TINY_MODEL / "tokenizer_config.json").is_file():
+        return TINY_MODEL
+    return default_tokenizer_dir(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture
+def one_thread():
+    # The smoke tests share small CI runners: one thread avoids the stalls of oversubscribed OpenMP threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_lengths_follow_samsum_and_are_deterministic():
+    pairs = sample_lengths(5000, seed=3)
+    totals = [t for t, _ in pairs]
+    assert pairs == sample_lengths(5000, seed=3)
+    assert pairs != sample_lengths(5000, seed=4)
+    assert min(totals) >= SAMSUM.min_length and max(totals) <= SAMSUM.max_length
+    assert 205 <= statistics.fmean(totals) <= 222  # 214 before clipping the long tail at 512
+    assert 85 <= statistics.pstdev(totals) <= 115
+    fraction = sum(s for _, s in pairs) / sum(totals)
+    assert 0.14 <= fraction <= 0.16
+    assert all(SAMSUM.min_summary <= s < t for t, s in pairs)
+
+
+def test_examples_mask_all_but_the_summary(bench_tokenizer: Path):
+    tokenizer = AutoTokenizer.from_pretrained(str(bench_tokenizer))
+    examples = examples_for(tokenizer, 50, seed=1)
+    assert examples == examples_for(tokenizer, 50, seed=1)
+    ordinary = set(ordinary_token_ids(tokenizer))
+    assert tokenizer.pad_token_id not in ordinary
+    for ex, prompt in zip(examples, prompts_of(examples), strict=True):
+        ids, labels = ex["input_ids"], ex["labels"]
+        assert len(ids) == len(labels)
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert set(ids[1:-1]) <= ordinary
+        n = len(prompt)
+        assert labels[:n] == [IGNORE_INDEX] * n and labels[n:] == ids[n:] and ids[:n] == prompt
+
+
+def test_llama_shaped_model_loads_offline(tmp_path: Path, bench_tokenizer: Path):
+    out = build_llama_1b_shaped(tmp_path / "m", bench_tokenizer, vocab_size=2048, layers=2, hidden=64, heads=4)
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.head_dim, config.num_key_value_heads) == (2, 64, 16, 4)
+    assert config.intermediate_size == 8192 and config.tie_word_embeddings
+    assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["factor"] == 32.0
+    assert model.dtype == torch.bfloat16
+    assert tokenizer.pad_token_id == config.pad_token_id and tokenizer.chat_template
+    weights = next(out.glob("*.safetensors")).read_bytes()
+    again = build_llama_1b_shaped(tmp_path / "n", bench_tokenizer, vocab_size=2048, layers=2, hidden=64, heads=4)
+    assert next(again.glob("*.safetensors")).read_bytes() == weights  # seeded
+
+
+def _read_report(out_dir: Path, benchmark: str) -> dict:
+    (path,) = out_dir.glob(f"{benchmark}-*-tiny-*.json")
+    report = json.loads(path.read_text())
+    assert report.keys() >= HEADER_KEYS
+    assert report["benchmark"] == benchmark and report["versions"]["torch"]
+    return report
+
+
+def test_bench_eval_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: None):
+    bench_eval.main(["--tiny", "--examples", "12", "--one-at-a-time", "2", "--max-new-tokens", "4", "--batch-size", "8",
+                     "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "model"),
+                     "--tokenizer", str(bench_tokenizer)])
+    report = _read_report(tmp_path / "out", "eval")
+    single, project = report["results"]
+    assert (single["setup"], project["setup"]) == ("one_at_a_time", "project")
+    assert single["extrapolated"] and single["timed_examples"] == 2 and not project["extrapolated"]
+    assert project["batch_size"] == 8
+    for result in (single, project):
+        assert result["all_full_length"] and result["new_tokens_mean"] == 4
+        for key in ("seconds_per_example", "wall_seconds", "load_seconds", "peak_memory_gib", "speedup"):
+            assert result[key] > 0
+    assert project["wall_seconds"] >= project["load_seconds"] + project["generate_seconds"] - 0.01
+
+
+def test_bench_train_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: None):
+    bench_train.main(["--tiny", "--setups", "tutorial,project", "--steps", "2", "--warmup", "1",
+                      "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "model"),
+                      "--tokenizer", str(bench_tokenizer)])
+    report = _read_report(tmp_path / "out", "train")
+    assert report["failed"] == [] and report["config"]["steps"] == 2
+    tutorial, project = report["results"]
+    assert (tutorial["setup"], project["setup"]) == ("tutorial", "project")
+    assert tutorial["ratio_to_tutorial"] == 1.0
+    for result in (tutorial, project):
+        assert result["timed_steps"] == 2 and result["sequences_per_step"] == 16
+        for key in ("tokens_per_second", "peak_memory_gib", "timed_seconds", "ratio_to_tutorial", "real_tokens"):
+            assert result[key] > 0
+        assert math.isfinite(result["final_loss"]) and 0.1 < result["loss_token_fraction"] < 0.25
+    # Same examples in the same order: the same tokens, and the same summary tokens carry loss.
+    assert tutorial["real_tokens"] == project["real_tokens"]
+    assert tutorial["loss_tokens"] == project["loss_tokens"]
+    assert tutorial["padding_fraction"] > 0.1  # padding to the longest of 4 uneven examples
+
+
+def test_overrides_nest_and_parse_values():
+    assert bench_train.parse_overrides(["training.padding_free=false", "lora.target_modules=[q_proj,k_proj]"]) == {
+        "training": {"padding_free": False}, "lora": {"target_modules": ["q_proj", "k_proj"]}}
