@@ -264,9 +264,7 @@ def project_trainer(bench: Bench, meter: ThroughputMeter) -> Trainer:
     """(c) This project's train stage: the Trainer exactly as stages.train.main builds it."""
     # Imported here: a dependency only the train stage has (dvclive) then fails this setup, not the others.
     from stages import train
-    from stages.batching import FlatCollator, PadCollator
     from stages.modeling import choose_device, load_base_model, load_tokenizer
-    from stages.objective import summary_loss
 
     params = project_params(bench)
     policy = choose_device(params.quantization, params.training.optim)
@@ -281,18 +279,9 @@ def project_trainer(bench: Bench, meter: ThroughputMeter) -> Trainer:
             "length": [len(ex["input_ids"]) for ex in bench.examples],
         }
     )
-    # The same arguments as the Trainer(...) call in stages.train.main: keep the two in step.
-    trainer = Trainer(
-        model=model,
-        args=train.training_arguments(params, policy, has_eval=False),
-        train_dataset=dataset,
-        data_collator=FlatCollator() if params.training.padding_free else PadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        compute_loss_func=summary_loss,
-        callbacks=[meter],
-    )
-    trainer.args.output_dir = str(bench.scratch / "project")  # never the project's models/checkpoints
-    return trainer
+    # Never the project's models/checkpoints.
+    return train.build_trainer(params, policy, model, tokenizer, dataset, None, [meter],
+                               output_dir=str(bench.scratch / "project"))
 
 
 BUILDERS: dict[str, Callable[[Bench, ThroughputMeter], Trainer]] = {

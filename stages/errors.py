@@ -18,7 +18,8 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines())  # one line, even if a cause had several
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted; outputs written so far are complete, the rest were not written", file=sys.stderr)

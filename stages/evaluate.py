@@ -21,8 +21,8 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from stages.errors import PipelineError, run_stage
 from stages.files import read_jsonl, write_json, write_jsonl
-from stages.modeling import choose_device, load_base_model, load_tokenizer
-from stages.params import load_params
+from stages.modeling import DevicePolicy, choose_device, load_base_model, load_tokenizer
+from stages.params import Params, load_params
 from stages.prompt import end_of_turn_ids, generation_prompt_ids
 from stages.scoring import ROUGE_KEYS, score_corpus
 
@@ -32,6 +32,7 @@ TEST = "data/prepared/test.jsonl"
 ADAPTER = "models/adapter"
 METRICS = "metrics/{which}.json"
 PREDICTIONS = "data/predictions/{which}.jsonl"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # safetensors only: never a pickle
 
 
 @dataclass(frozen=True)
@@ -93,18 +94,64 @@ def _decode(tokenizer: PreTrainedTokenizerBase, new_ids: list[int], stop_ids: li
     return Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), cut is not None)
 
 
+def check_adapter(path: str = ADAPTER) -> None:
+    """Fail before any model is loaded when the adapter folder lacks its config or safetensors weights."""
+    missing = [name for name in ADAPTER_FILES if not (Path(path) / name).is_file()]
+    if missing:
+        raise PipelineError(
+            f"{path}/ has no {' or '.join(missing)}: run `dvc repro train` (or `dvc checkout {path}`) first"
+        )
+
+
 def load_adapter(base: torch.nn.Module, path: str = ADAPTER) -> torch.nn.Module:
     from peft import PeftModel
 
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise PipelineError(f"{path}/ has no adapter_config.json: run `dvc repro train` first")
+    check_adapter(path)
     try:
         return PeftModel.from_pretrained(base, path)
     except Exception as err:  # peft raises many types for a damaged file
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise PipelineError(
-            f"{path}/ could not be loaded ({type(err).__name__}: {str(err)[:200]}); "
-            "re-create it with `dvc repro -f train`"
+            f"{path}/ could not be loaded ({type(err).__name__}: {reason}); "
+            f"restore it with `dvc checkout {path}` or re-create it with `dvc repro -f train`"
         ) from None
+
+
+def summarize_generations(
+    generations: list[Generation], references: list[str], seconds: float
+) -> tuple[list[dict[str, float]], dict]:
+    """Per-example ROUGE and the metrics of one evaluation; empty predictions score 0 and are counted."""
+    per_example, means = score_corpus([g.text for g in generations], references)
+    metrics: dict = {k: round(means[k], 6) for k in ROUGE_KEYS}
+    metrics.update(
+        {
+            "gen_len_mean": round(sum(g.new_tokens for g in generations) / len(generations), 2),
+            "examples": len(generations),
+            "empty_predictions": sum(not g.text for g in generations),
+            "cut_by_max_new_tokens": sum(not g.stopped for g in generations),
+            "seconds": round(seconds, 2),
+            "examples_per_second": round(len(generations) / seconds, 3) if seconds > 0 else None,
+        }
+    )
+    return per_example, metrics
+
+
+def load_for_generation(params: Params, policy: DevicePolicy, adapter: str | None) -> torch.nn.Module:
+    """The base model (with the adapter, if given) ready for generation.
+
+    With eval.dequantize, the 4-bit weights are unpacked once to the compute dtype and the adapter is merged
+    into them: the weights the adapter was trained against, without a dequantization in every matmul of
+    every generated token (the 4-bit kernels' cost at generation time).
+    """
+    model = load_base_model(params.model, params.quantization, policy)
+    unpack = params.eval.dequantize and params.quantization.use_4bit
+    if unpack:
+        model = model.dequantize(dtype=policy.compute_dtype)
+    if adapter:
+        model = load_adapter(model, adapter)
+        if unpack:
+            model = model.merge_and_unload()
+    return model.eval()
 
 
 def evaluate(which: str) -> None:
@@ -116,12 +163,11 @@ def evaluate(which: str) -> None:
         rows = rows[: params.eval.max_samples]
     if not rows:
         raise PipelineError(f"{TEST} has no rows: re-run `dvc repro prepare`")
+    if which == "adapter":
+        check_adapter()
     tokenizer = load_tokenizer(params.model)
     started = time.perf_counter()
-    model = load_base_model(params.model, params.quantization, policy)
-    if which == "adapter":
-        model = load_adapter(model)
-    model.eval()
+    model = load_for_generation(params, policy, ADAPTER if which == "adapter" else None)
     prompts = [
         generation_prompt_ids(tokenizer, params.prompt.instruction, r["dialogue"], params.prompt.date_string)
         for r in rows
@@ -129,7 +175,7 @@ def evaluate(which: str) -> None:
     stops = stop_token_ids(tokenizer, model, params.prompt.date_string)
     generations = generate(model, tokenizer, prompts, params.eval.max_new_tokens, params.eval.batch_size, stops)
     seconds = time.perf_counter() - started
-    per_example, means = score_corpus([g.text for g in generations], [r["summary"] for r in rows])
+    per_example, metrics = summarize_generations(generations, [r["summary"] for r in rows], seconds)
 
     write_jsonl(
         PREDICTIONS.format(which=which),
@@ -145,17 +191,6 @@ def evaluate(which: str) -> None:
             }
             for r, g, s in zip(rows, generations, per_example, strict=True)
         ),
-    )
-    metrics = {k: round(means[k], 6) for k in ROUGE_KEYS}
-    metrics.update(
-        {
-            "gen_len_mean": round(sum(g.new_tokens for g in generations) / len(generations), 2),
-            "examples": len(rows),
-            "empty_predictions": sum(not g.text for g in generations),
-            "cut_by_max_new_tokens": sum(not g.stopped for g in generations),
-            "seconds": round(seconds, 2),
-            "examples_per_second": round(len(rows) / seconds, 3),
-        }
     )
     write_json(METRICS.format(which=which), metrics)
     log.info("%s: %s", which, metrics)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from stages.errors import PipelineError
@@ -43,12 +44,10 @@ def choose_device(quant: QuantizationParams, optim: str = "adamw_torch") -> Devi
     cpu_optim = "adamw_torch" if ("8bit" in optim or "paged" in optim) else optim
     changed = []
     if quant.bnb_4bit_compute_dtype != "float32":
-        changed.append(f"float32 compute instead of {quant.bnb_4bit_compute_dtype}")
+        changed.append(f"float32 compute instead of {quant.bnb_4bit_compute_dtype} (faster on CPU)")
     if cpu_optim != optim:
-        changed.append(f"{cpu_optim} instead of {optim}")
-    reason = "no CUDA device, running on CPU" + (
-        f" with {' and '.join(changed)} (faster there, and the paged 8-bit optimizers need CUDA)" if changed else ""
-    )
+        changed.append(f"{cpu_optim} instead of {optim} (the paged 8-bit optimizers need CUDA)")
+    reason = "no CUDA device, running on CPU" + (f" with {' and '.join(changed)}" if changed else "")
     return DevicePolicy("cpu", torch.float32, cpu_optim, False, reason)
 
 
@@ -57,33 +56,44 @@ def is_local(name: str) -> bool:
     return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
 
 
-def _check_local(name: str, what: str) -> None:
-    if is_local(name) and not Path(name).expanduser().is_dir():
+def _check_local(name: str, param: str) -> None:
+    path = Path(name).expanduser()
+    if is_local(name) and not path.is_dir():
+        problem = "is a file" if path.exists() else "does not exist"
         raise PipelineError(
-            f"{what} {name!r} is not a directory; set it to a hub id or a folder made by save_pretrained"
+            f"{param} {name!r} {problem}; set it to a folder made by save_pretrained (config, weights, tokenizer) "
+            "or to a hub id"
         )
 
 
-def _hub_error(name: str, what: str, err: Exception) -> PipelineError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    hint = (
-        "check the id and revision; for gated models (Llama) accept the licence on the hub and log in with "
-        "`hf auth login` or set HF_TOKEN; offline, point it at a local folder"
+def _load_error(name: str, param: str, err: Exception) -> PipelineError:
+    reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    if Path(name).expanduser().is_dir():
+        return PipelineError(
+            f"{param} {name!r} could not be loaded ({reason}); it must be a complete folder made by "
+            "save_pretrained: rebuild or re-download it"
+        )
+    return PipelineError(
+        f"could not load {param} {name!r} from the Hugging Face hub ({reason}), and no local folder of that "
+        "name exists; check the id and model.revision; for gated models (Llama) accept the licence on the hub "
+        f"and log in with `hf auth login` or set HF_TOKEN; to use local files, set {param} to a folder made by "
+        "save_pretrained"
     )
-    return PipelineError(f"could not load {what} {name!r}: {reason[:300]}; {hint}")
 
 
 def load_tokenizer(model: ModelParams) -> PreTrainedTokenizerBase:
     """The tokenizer named by model.tokenizer_type (or base_model), with a chat template and a pad token."""
     name = model.tokenizer_name
-    _check_local(name, "model.tokenizer_type")
+    param = "model.tokenizer_type" if model.tokenizer_type else "model.base_model"
+    _check_local(name, param)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=model.revision, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise _hub_error(name, "tokenizer", err) from None
+        raise _load_error(name, param, err) from None
     if not tokenizer.chat_template:
         raise PipelineError(
-            f"tokenizer {name!r} has no chat template; use an instruct/chat model's tokenizer (model.tokenizer_type)"
+            f"the tokenizer of {name!r} ({param}) has no chat template; set model.tokenizer_type to an "
+            "instruct/chat model's tokenizer"
         )
     if tokenizer.pad_token is None:
         vocab = tokenizer.get_vocab()
@@ -122,6 +132,6 @@ def load_base_model(model: ModelParams, quant: QuantizationParams, policy: Devic
             device_map={"": 0} if policy.device == "cuda" else "cpu",
             trust_remote_code=False,
         )
-    except (OSError, ValueError) as err:
-        raise _hub_error(model.base_model, "model", err) from None
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: damaged weights file
+        raise _load_error(model.base_model, "model.base_model", err) from None
     return base

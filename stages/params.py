@@ -91,8 +91,9 @@ class TrainingParams:
 @dataclass(frozen=True)
 class EvalParams:
     max_new_tokens: int = 64
-    batch_size: int = 32
+    batch_size: int = 128
     max_samples: int | None = None
+    dequantize: bool = True
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,8 @@ def clean_rows(table: Table, split: str, data: DataParams) -> tuple[list[dict[st
     if not kept:
         counts = ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "the split has no rows"
         raise PipelineError(f"the {split} split ({table.origin}) has no usable rows out of {len(table.rows)} "
-                            f"({counts})")
+                            f"({counts}); each row needs a dialogue (text, at most {MAX_DIALOGUE_CHARS:,} "
+                            "characters) and a summary, neither empty")
     return kept, dropped
 
 

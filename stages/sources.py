@@ -23,6 +23,7 @@ SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation"
                "dev": "validation", "test": "test"}
 FORMATS = (".json", ".jsonl", ".csv", ".parquet")
 SPLIT_COLUMN = "split"
+EMPTY_HINT = "give it rows with a dialogue and a summary, or set data.source to another path"
 LOCAL_HINT = "-S data.source=path/to/folder (one train/validation/test file each; see stages/prepare.py)"
 
 
@@ -100,7 +101,8 @@ def parse_parquet(data: bytes, name: str) -> Table:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        # No thread pool: pyarrow's can abort the interpreter at exit (apache/arrow#34314); these files are small.
+        table = pq.read_table(pa.BufferReader(data), use_threads=False)
     except (pa.ArrowException, OSError) as err:
         raise PipelineError(f"{name}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
     return Table(name, list(table.column_names), table.to_pylist())
@@ -116,11 +118,11 @@ def read_table(path: Path) -> Table:
     data = path.read_bytes()
     if suffix == ".parquet":
         if not data:
-            raise PipelineError(f"{path} is empty")
+            raise PipelineError(f"{path} is empty: {EMPTY_HINT}")
         return parse_parquet(data, str(path))
     text = decode_utf8(data, str(path))
     if not text.strip():
-        raise PipelineError(f"{path} is empty")
+        raise PipelineError(f"{path} is empty: {EMPTY_HINT}")
     parse = {".json": parse_json, ".jsonl": parse_jsonl, ".csv": parse_csv}[suffix]
     return parse(text, str(path))
 

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from datasets import DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -121,6 +121,31 @@ def training_arguments(params: Params, policy: DevicePolicy, has_eval: bool) -> 
     )
 
 
+def build_trainer(
+    params: Params,
+    policy: DevicePolicy,
+    model: torch.nn.Module,
+    tokenizer,
+    train: Dataset,
+    validation: Dataset | None,
+    callbacks: list,
+    output_dir: str = CHECKPOINTS,
+) -> Trainer:
+    """The Trainer of the train stage: our collators (labels kept, never rebuilt) and the summary-only loss."""
+    args = training_arguments(params, policy, has_eval=validation is not None)
+    args.output_dir = output_dir
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation,
+        data_collator=FlatCollator() if params.training.padding_free else PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        compute_loss_func=summary_loss,
+        callbacks=callbacks,
+    )
+
+
 def run_fingerprint(params: Params, data_dir: str | Path) -> str:
     """A hash of everything a checkpoint depends on: the training params and the tokenized data files."""
     h = hashlib.sha256()
@@ -193,24 +218,15 @@ def main() -> None:
     set_seed(params.seed)
     tokenizer = load_tokenizer(params.model)
     model = add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit packed weights at their real size
 
     resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))
     if resume_from:
         log.info("resuming from %s", resume_from)
     callbacks = curves_callback(resume=bool(resume_from))
     has_eval = "validation" in data and len(data["validation"]) > 0
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(params, policy, has_eval),
-        train_dataset=data["train"],
-        eval_dataset=data["validation"] if has_eval else None,
-        data_collator=FlatCollator() if params.training.padding_free else PadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        compute_loss_func=summary_loss,
-        callbacks=callbacks,
-    )
+    trainer = build_trainer(params, policy, model, tokenizer, data["train"], data["validation"] if has_eval else None,
+                            callbacks)
     start = time.perf_counter()
     try:
         tokens_before = tokens_seen(resume_from)

@@ -91,11 +91,13 @@ def test_bench_eval_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: None
                      "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "model"),
                      "--tokenizer", str(bench_tokenizer)])
     report = _read_report(tmp_path / "out", "eval")
-    single, project = report["results"]
-    assert (single["setup"], project["setup"]) == ("one_at_a_time", "project")
+    single, straight, project = report["results"]
+    assert (single["setup"], straight["setup"], project["setup"]) == ("one_at_a_time", "4bit_batched", "project")
     assert single["extrapolated"] and single["timed_examples"] == 2 and not project["extrapolated"]
-    assert project["batch_size"] == 8
-    for result in (single, project):
+    assert project["batch_size"] == 8 and project["dequantize"] and not straight["dequantize"]
+    assert straight["timed_examples"] == 8 and straight["extrapolated"]
+    assert 0 <= project["same_text_as_4bit"] <= 1
+    for result in (single, straight, project):
         assert result["all_full_length"] and result["new_tokens_mean"] == 4
         for key in ("seconds_per_example", "wall_seconds", "load_seconds", "peak_memory_gib", "speedup"):
             assert result[key] > 0
