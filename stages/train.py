@@ -157,11 +157,18 @@ def run_fingerprint(params: Params, data_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def _marked_fingerprint(marker: Path) -> str | None:
+    try:
+        return json.loads(marker.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):  # damaged marker: whose checkpoints these are is unknown
+        return None
+
+
 def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS) -> str | None:
     """The newest checkpoint of an interrupted run with the same fingerprint; otherwise clear the folder."""
     checkpoints = Path(checkpoints)
     marker = checkpoints / RUN_FINGERPRINT
-    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+    if marker.is_file() and _marked_fingerprint(marker) == fingerprint:
         last = get_last_checkpoint(str(checkpoints))
         if last:
             return last
@@ -231,8 +238,9 @@ def main() -> None:
     try:
         tokens_before = tokens_seen(resume_from)
         result = trainer.train(resume_from_checkpoint=resume_from)
-    except (OSError, RuntimeError, ValueError, KeyError) as err:  # json's error is a ValueError
-        if resume_from is None:
+    except Exception as err:  # a damaged checkpoint fails in json, safetensors or torch.load
+        # Only a failure while restoring the checkpoint is its fault; later errors (e.g. out of memory) propagate.
+        if resume_from is None or trainer.state.global_step > int(Path(resume_from).name.split("-")[-1]):
             raise
         raise PipelineError(
             f"could not resume from {resume_from} ({type(err).__name__}: {str(err)[:200]}); "
