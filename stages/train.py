@@ -134,6 +134,11 @@ def build_trainer(
     """The Trainer of the train stage: our collators (labels kept, never rebuilt) and the summary-only loss."""
     args = training_arguments(params, policy, has_eval=validation is not None)
     args.output_dir = output_dir
+    if params.training.padding_free and torch.cuda.is_available():
+        # Packed rows reach SDPA with a block-diagonal mask whose shape changes every step; the cuDNN backend
+        # builds a new plan on the host for each (measured: ~60% of a step's CPU time on an H200), the
+        # memory-efficient kernel takes such masks as they are.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return Trainer(
         model=model,
         args=args,
