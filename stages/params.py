@@ -70,8 +70,8 @@ class PromptParams:
 class TrainingParams:
     num_train_epochs: float = 1
     max_steps: int = -1
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 4
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
     lr_scheduler_type: str = "linear"
     warmup_steps: int = 50
