@@ -61,10 +61,15 @@ def make_project(dest: Path, params: dict) -> Path:
     return dest
 
 
-def run_dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(cwd), "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.com"}
-    proc = subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+def dvc_env(cwd: Path, **extra: str) -> dict[str, str]:
+    """The environment for dvc in a project copy: its own code first, a git identity for experiments."""
+    return {**os.environ, "PYTHONPATH": str(cwd), "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.com",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.com", **extra}
+
+
+def run_dvc(cwd: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["dvc", *args], cwd=cwd, env=env or dvc_env(cwd), capture_output=True, text=True)
     if check and proc.returncode:
         raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -91,6 +91,17 @@ def test_offline_pipeline_end_to_end(tmp_path):
     again = run_dvc(repo, "repro")
     assert ran(again.stdout) == [] and sorted(skipped(again.stdout)) == sorted(STAGES)
 
+    # Determinism: forced re-runs with the same seed reproduce every loss, prediction and score exactly.
+    predictions = (repo / "data/predictions/adapter.jsonl").read_bytes()
+    forced = run_dvc(repo, "repro", "--force", "--single-item", "train", "evaluate_baseline", "evaluate_adapter")
+    assert sorted(ran(forced.stdout)) == ["evaluate_adapter", "evaluate_baseline", "train"]
+    assert (repo / "data/predictions/adapter.jsonl").read_bytes() == predictions
+    for name, before in (("baseline", baseline), ("adapter", adapter)):
+        after = read_json(repo / f"metrics/{name}.json")
+        assert {k: after[k] for k in ROUGE} == {k: before[k] for k in ROUGE}
+    retrained = read_json(repo / "metrics/train.json")
+    assert (retrained["train_loss"], retrained["eval_loss"]) == (train["train_loss"], train["eval_loss"])
+
     r16 = run_dvc(repo, "exp", "run", "-S", "lora.r=16")
     assert ran(r16.stdout) == ["train", "evaluate_adapter", "compare"]
     assert sorted(skipped(r16.stdout)) == ["evaluate_baseline", "prepare", "tokenize_mask"]

@@ -97,3 +97,10 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     assert resumed_losses == pytest.approx(losses, rel=1e-3)
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-3)
     assert (tmp_path / "models/adapter/adapter_model.safetensors").is_file()
+
+    # Another seed is another run: it starts clean (its checkpoints are not ours) and learns differently.
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "seed": 7}))
+    run_stage(tmp_path, "stages.train")
+    other = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert other["resumed_from_step"] == 0 and other["steps"] == 6
+    assert other["train_loss"] != pytest.approx(whole["train_loss"], rel=1e-4)
