@@ -169,16 +169,27 @@ def _marked_fingerprint(marker: Path) -> str | None:
         return None
 
 
+def _finished(checkpoint: str) -> bool:
+    """Whether the checkpoint is the end of its run (a forced re-run must then train anew, not resume)."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False  # damaged: resuming will say so
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
 def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS) -> str | None:
     """The newest checkpoint of an interrupted run with the same fingerprint; otherwise clear the folder."""
     checkpoints = Path(checkpoints)
     marker = checkpoints / RUN_FINGERPRINT
-    if marker.is_file() and _marked_fingerprint(marker) == fingerprint:
-        last = get_last_checkpoint(str(checkpoints))
+    same_run = marker.is_file() and _marked_fingerprint(marker) == fingerprint
+    last = get_last_checkpoint(str(checkpoints)) if same_run else None
+    if last and not _finished(last):
+        return last
+    if checkpoints.exists():
         if last:
-            return last
-    elif checkpoints.exists():
-        if any(checkpoints.iterdir()):
+            log.info("%s holds a finished run: training anew", checkpoints)
+        elif any(p.name != RUN_FINGERPRINT for p in checkpoints.iterdir()):
             log.info("%s holds checkpoints of other params or data: starting clean", checkpoints)
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,14 @@ def test_checkpoints_are_resumed_only_for_the_same_fingerprint(tmp_path):
         (folder / f"checkpoint-{step}").mkdir()
         (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert checkpoint_to_resume("aaa", folder) == str(folder / "checkpoint-4")
+    # The last checkpoint of a finished run is not resumed: a forced re-run trains anew.
+    (folder / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "max_steps": 4}')
+    assert checkpoint_to_resume("aaa", folder) is None and not (folder / "checkpoint-2").exists()
+    for step in (2, 4):
+        (folder / f"checkpoint-{step}").mkdir()
+        state = {"global_step": step, "max_steps": 8}
+        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(state))
+    assert checkpoint_to_resume("aaa", folder) == str(folder / "checkpoint-4")
     assert checkpoint_to_resume("bbb", folder) is None  # other params: cleared, start clean
     assert not (folder / "checkpoint-4").exists()
     assert json.loads((folder / RUN_FINGERPRINT).read_text()) == {"fingerprint": "bbb"}
