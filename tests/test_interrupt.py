@@ -49,4 +49,4 @@ def test_killed_training_resumes_under_dvc_and_matches_an_uninterrupted_run(tmp_
     assert resumed["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-3)
     assert resumed["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-3)
     assert (repo / "models/adapter/adapter_model.safetensors").is_file()
-    assert run_dvc(repo, "status").stdout.strip().endswith("Data and pipelines are up to date.")
+    assert run_dvc(repo, "status", "train").stdout.strip().endswith("Data and pipelines are up to date.")
