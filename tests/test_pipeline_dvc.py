@@ -117,8 +117,12 @@ def test_offline_pipeline_end_to_end(tmp_path):
     header = shown.splitlines()[0].split(",")
     assert "lora.r" in header and "rougeL" in ",".join(header) and "train_loss" in header
 
-    plots = run_dvc(repo, "plots", "show", "--json").stdout
-    assert "metrics/compare_rouge.json" in plots and "loss.tsv" in plots
+    plots = run_dvc(repo, "plots", "show", "--json")
+    drawn = json.loads(plots.stdout)
+    assert "errors" not in drawn and "WARNING" not in plots.stderr
+    assert sorted(drawn["data"]) == ["Learning rate", "ROUGE, baseline vs fine-tuned", "Training and validation loss"]
+    for plot in drawn["data"].values():
+        assert plot[0]["content"]["data"]["values"]
 
 
 def test_saved_adapter_reloads_with_plain_peft_and_reproduces_predictions(tmp_path):
