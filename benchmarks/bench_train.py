@@ -42,6 +42,7 @@ from transformers import (
 from benchmarks import report
 from benchmarks.lengths import IGNORE_INDEX, describe, examples_for
 from benchmarks.llama_shaped import LLAMA_3_2_1B, TINY, benchmark_model
+from offline.run import merge
 from stages.params import Params, parse_params
 
 log = logging.getLogger(__name__)
@@ -250,14 +251,7 @@ def project_params(bench: Bench) -> Params:
         "model": {"base_model": str(bench.model_dir), "tokenizer_type": None},
         "training": {"max_steps": bench.total_steps, "logging_steps": 1, "save_strategy": "no"},
     }
-    return parse_params(_merge(_merge(raw, timing), bench.project_overrides))
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    return parse_params(merge(merge(raw, timing), bench.project_overrides))
 
 
 def project_trainer(bench: Bench, meter: ThroughputMeter) -> Trainer:
