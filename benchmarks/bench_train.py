@@ -265,7 +265,7 @@ def project_trainer(bench: Bench, meter: ThroughputMeter) -> Trainer:
     log.info("project: %s", policy.reason)
     set_seed(params.seed)
     tokenizer = load_tokenizer(params.model)
-    model = train.add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
+    model = train.add_lora(load_base_model(params.model, params.quantization, policy), params)
     dataset = Dataset.from_dict(  # the columns stages.tokenize_mask writes
         {
             "input_ids": [ex["input_ids"] for ex in bench.examples],

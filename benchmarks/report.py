@@ -7,12 +7,13 @@ import importlib.metadata
 import json
 import platform
 import re
-import resource
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from stages.modeling import peak_memory_gib  # noqa: F401  (the benchmarks report memory as the stages do)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
@@ -58,12 +59,6 @@ def reset_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def synchronize() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,13 @@ def choose_device(quant: QuantizationParams, optim: str = "adamw_torch") -> Devi
         changed.append(f"{cpu_optim} instead of {optim} (the paged 8-bit optimizers need CUDA)")
     reason = "no CUDA device, running on CPU" + (f" with {' and '.join(changed)}" if changed else "")
     return DevicePolicy("cpu", torch.float32, cpu_optim, False, reason)
+
+
+def peak_memory_gib() -> float:
+    """Peak memory of this process so far: allocated GPU memory on CUDA, else the resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def is_local(name: str) -> bool:

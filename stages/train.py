@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import resource
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from stages.batching import FlatCollator, PadCollator
 from stages.errors import PipelineError, run_stage
 from stages.files import atomic_dir, write_json
-from stages.modeling import DevicePolicy, choose_device, load_base_model, load_tokenizer
+from stages.modeling import DevicePolicy, choose_device, load_base_model, load_tokenizer, peak_memory_gib
 from stages.objective import summary_loss
 from stages.params import Params, load_params
 
@@ -58,7 +56,7 @@ def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
         )
 
 
-def add_lora(base: torch.nn.Module, params: Params, policy: DevicePolicy) -> torch.nn.Module:
+def add_lora(base: torch.nn.Module, params: Params) -> torch.nn.Module:
     """Wrap the base with LoRA adapters (seeded), after preparing a 4-bit base for training."""
     check_target_modules(base, params.lora.target_modules)
     # A KV cache is useless in training, and its presence stops transformers from reading packed sequences.
@@ -210,18 +208,16 @@ def curves_callback(resume: bool) -> list:
     return [DVCLiveCallback(live=Live(CURVES, dvcyaml=None, save_dvc_exp=False, resume=resume, report=None))]
 
 
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimizer step a Trainer checkpoint folder (`checkpoint-<step>`) was saved at."""
+    return int(Path(checkpoint).name.split("-")[-1])
+
+
 def tokens_seen(checkpoint: str | None) -> int:
     """Non-padding tokens trained on before `checkpoint` (0 for a fresh run)."""
     if checkpoint is None:
         return 0
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
-
-
-def peak_memory_gib(policy: DevicePolicy) -> float:
-    if policy.device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    # ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def file_mb(path: str | Path) -> float:
@@ -240,7 +236,7 @@ def main() -> None:
         raise PipelineError(f"{TOKENIZED} has no train split: re-run `dvc repro tokenize_mask`")
     set_seed(params.seed)
     tokenizer = load_tokenizer(params.model)
-    model = add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
+    model = add_lora(load_base_model(params.model, params.quantization, policy), params)
     trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit packed weights at their real size
 
     resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))
@@ -256,7 +252,7 @@ def main() -> None:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except Exception as err:  # a damaged checkpoint fails in json, safetensors or torch.load
         # Only a failure while restoring the checkpoint is its fault; later errors (e.g. out of memory) propagate.
-        if resume_from is None or trainer.state.global_step > int(Path(resume_from).name.split("-")[-1]):
+        if resume_from is None or trainer.state.global_step > checkpoint_step(resume_from):
             raise
         raise PipelineError(
             f"could not resume from {resume_from} ({type(err).__name__}: {str(err)[:200]}); "
@@ -271,6 +267,7 @@ def main() -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    resumed_step = checkpoint_step(resume_from) if resume_from else 0
     tokens = trainer.state.num_input_tokens_seen - tokens_before
     write_json(
         METRICS,
@@ -280,7 +277,7 @@ def main() -> None:
             "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
             "steps": trainer.state.global_step,
             "epochs": round(trainer.state.epoch or 0, 3),
-            "resumed_from_step": int(Path(resume_from).name.split("-")[-1]) if resume_from else 0,
+            "resumed_from_step": resumed_step,
             "runtime_s": round(runtime, 2),
             "train_tokens": int(tokens),
             "train_tokens_per_second": round(tokens / runtime, 1),
@@ -288,7 +285,7 @@ def main() -> None:
             "total_params": total,
             "trainable_percent": round(100 * trainable / total, 4),
             "adapter_mb": round(file_mb(Path(ADAPTER) / "adapter_model.safetensors"), 3),
-            "peak_memory_gib": round(peak_memory_gib(policy), 3),
+            "peak_memory_gib": round(peak_memory_gib(), 3),
             **policy.describe(),
             "quantized": params.quantization.use_4bit,
             "optim": policy.optim,
@@ -297,7 +294,6 @@ def main() -> None:
         },
     )
     log.info("adapter saved to %s", ADAPTER)
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
