@@ -133,6 +133,7 @@ class ThroughputMeter(TrainerCallback):
         step_seconds = [end - start for start, end in zip(times, times[1:], strict=False)]
         return {
             "tokens_per_second": round((real1 - real0) / (t1 - t0), 1),
+            "warmup_seconds": round(t0 - self.marks[0][0], 3),  # includes compiling, where a setup compiles
             "timed_steps": steps,
             "timed_seconds": round(t1 - t0, 3),
             "seconds_per_step": round((t1 - t0) / steps, 4),
@@ -265,7 +266,7 @@ def project_trainer(bench: Bench, meter: ThroughputMeter) -> Trainer:
     log.info("project: %s", policy.reason)
     set_seed(params.seed)
     tokenizer = load_tokenizer(params.model)
-    model = train.add_lora(load_base_model(params.model, params.quantization, policy), params)
+    model = train.add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
     dataset = Dataset.from_dict(  # the columns stages.tokenize_mask writes
         {
             "input_ids": [ex["input_ids"] for ex in bench.examples],

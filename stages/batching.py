@@ -4,8 +4,10 @@ Two collators, both keeping the labels the stage computed (a collator that rebui
 like DataCollatorForLanguageModeling, would silently train on the prompt too):
 - `PadCollator` right-pads to the longest example, with an attention mask;
 - `FlatCollator` (training.padding_free) lays the examples end to end in one row with position ids that
-  restart at 0 for each; transformers turns those into a block-diagonal causal mask, so no token attends
-  across examples and no compute is spent on padding.
+  restart at 0 for each, and their boundaries (`cu_seq_lens_*`, `max_length_*`: the keyword arguments
+  transformers hands to variable-length attention, see stages/attention.py). No token attends across
+  examples and no compute is spent on padding. Under plain SDPA, transformers builds a block-diagonal causal
+  mask from the position ids instead.
 Both add `logits_to_keep` so the LM head runs only where the loss is (see stages/objective.py).
 """
 
@@ -60,5 +62,10 @@ class FlatCollator:
         position_ids = torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None]
         # An example's first token must never be a target: it would be predicted from the previous example.
         labels[position_ids == 0] = IGNORE_INDEX
+        lengths = torch.tensor([0] + [len(f["input_ids"]) for f in features])
+        boundaries = lengths.cumsum(0).to(torch.int32)
+        longest = int(lengths.max())
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "logits_to_keep": loss_positions(labels)}
+                "logits_to_keep": loss_positions(labels),
+                "cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries.clone(),
+                "max_length_q": longest, "max_length_k": longest}

@@ -84,8 +84,11 @@ class TrainingParams:
     eval_steps: int = 100
     per_device_eval_batch_size: int = 8
     optim: str = "paged_adamw_8bit"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = False
     padding_free: bool = True
+    dequantize: bool = True
+    upcast_frozen: bool = False
+    compile: bool = True
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_utils import get_last_checkpoint
 
+from stages import attention
 from stages.batching import FlatCollator, PadCollator
 from stages.errors import PipelineError, run_stage
 from stages.files import atomic_dir, write_json
@@ -56,21 +58,53 @@ def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
         )
 
 
-def add_lora(base: torch.nn.Module, params: Params) -> torch.nn.Module:
-    """Wrap the base with LoRA adapters (seeded), after preparing a 4-bit base for training."""
-    check_target_modules(base, params.lora.target_modules)
+def prepare_base(base: torch.nn.Module, params: Params, policy: DevicePolicy) -> torch.nn.Module:
+    """Freeze the base and set it up for training as the training.* switches say (see README, Performance)."""
+    t = params.training
     # A KV cache is useless in training, and its presence stops transformers from reading packed sequences.
     base.config.use_cache = False
-    checkpointing = params.training.gradient_checkpointing
-    # Non-reentrant checkpointing: the reentrant kind drops gradients of inputs that don't require them.
-    checkpointing_kwargs = {"use_reentrant": False}
-    if params.quantization.use_4bit:
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=checkpointing_kwargs
-        )
-    elif checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
-        base.enable_input_require_grads()
+    if params.quantization.use_4bit and t.dequantize:
+        # The NF4 weights unpacked once to the compute dtype: the values the 4-bit kernels compute with, without
+        # unpacking every weight again in every forward and backward matmul.
+        base = base.dequantize(dtype=policy.compute_dtype)
+    for param in base.parameters():
+        param.requires_grad_(False)
+    if t.upcast_frozen:
+        # What peft's prepare_model_for_kbit_training does: the frozen layers that are not 4-bit (embeddings,
+        # norms, head) in float32, so the residual stream runs in float32 under autocast.
+        for param in base.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+                param.data = param.data.float()
+    if t.padding_free:
+        base.set_attn_implementation(attention.register())
+    if t.gradient_checkpointing:
+        # Non-reentrant checkpointing: the reentrant kind drops gradients of inputs that don't require them.
+        # transformers 5.24 renamed gradient_checkpointing_enable (still there, deprecated); 5.17 has the old name.
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return base
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile each decoder layer (one compiled graph serves them all: same code, parameters as inputs);
+    returns how many were compiled. Row lengths change every step, so shapes are compiled as dynamic."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def add_lora(base: torch.nn.Module, params: Params, policy: DevicePolicy) -> torch.nn.Module:
+    """The base prepared for training (prepare_base) and wrapped with seeded LoRA adapters."""
+    check_target_modules(base, params.lora.target_modules)
+    base = prepare_base(base, params, policy)
     set_seed(params.seed)  # LoRA's A matrices are initialised randomly inside get_peft_model
     config = LoraConfig(
         r=params.lora.r,
@@ -80,7 +114,13 @@ def add_lora(base: torch.nn.Module, params: Params) -> torch.nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, config)
+    model = get_peft_model(base, config)
+    if params.training.compile:
+        if policy.device == "cuda":
+            log.info("compiled %d decoder layers (the first steps are slower)", compile_layers(model))
+        else:
+            log.info("training.compile applies on CUDA only: running eagerly on %s", policy.device)
+    return model
 
 
 def training_arguments(params: Params, policy: DevicePolicy, has_eval: bool) -> TrainingArguments:
@@ -132,11 +172,6 @@ def build_trainer(
     """The Trainer of the train stage: our collators (labels kept, never rebuilt) and the summary-only loss."""
     args = training_arguments(params, policy, has_eval=validation is not None)
     args.output_dir = output_dir
-    if params.training.padding_free and torch.cuda.is_available():
-        # Packed rows reach SDPA with a block-diagonal mask whose shape changes every step; the cuDNN backend
-        # builds a new plan on the host for each (measured: ~60% of a step's CPU time on an H200), the
-        # memory-efficient kernel takes such masks as they are.
-        torch.backends.cuda.enable_cudnn_sdp(False)
     return Trainer(
         model=model,
         args=args,
@@ -236,7 +271,7 @@ def main() -> None:
         raise PipelineError(f"{TOKENIZED} has no train split: re-run `dvc repro tokenize_mask`")
     set_seed(params.seed)
     tokenizer = load_tokenizer(params.model)
-    model = add_lora(load_base_model(params.model, params.quantization, policy), params)
+    model = add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
     trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit packed weights at their real size
 
     resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))

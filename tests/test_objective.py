@@ -1,10 +1,16 @@
-"""The fast training path (padding-free rows, logits only where the loss is) computes the same thing as the
-plain padded path: the same per-example losses and the same gradients."""
+"""The fast training path (padding-free rows, packed attention, logits only where the loss is) computes the
+same thing as the plain padded path: the same per-example losses and the same gradients.
+
+On CPU, packed attention runs one SDPA call per example; benchmarks/check_packed.py checks the CUDA kernel.
+"""
+
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
 
 from conftest import TINY_MODEL
+from stages import attention
 from stages.batching import FlatCollator, PadCollator
 from stages.objective import loss_positions, summary_loss
 from stages.prompt import IGNORE_INDEX, build_example
@@ -35,6 +41,16 @@ def lora_model():
 def features(tiny_tokenizer):
     examples = [build_example(tiny_tokenizer, "Summarize this dialogue.", d, s, 512, DATE) for d, s in PAIRS]
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+
+@contextmanager
+def packed_attention(model):
+    base = model.get_base_model()
+    base.set_attn_implementation(attention.register())
+    try:
+        yield
+    finally:
+        base.set_attn_implementation("sdpa")
 
 
 def reference_losses(model, features) -> list[float]:
@@ -78,10 +94,20 @@ def test_flat_rows_restart_positions_and_never_target_an_examples_first_token(fe
     assert "attention_mask" not in batch
 
 
-@pytest.mark.parametrize("collator", [PadCollator(pad_token_id=0), FlatCollator()], ids=["padded", "padding-free"])
-def test_per_example_losses_match_one_at_a_time(lora_model, features, collator):
+LAYOUTS = {  # collator, whether the model runs packed attention
+    "padded": (PadCollator(pad_token_id=0), False),
+    "padding-free, SDPA block mask": (FlatCollator(), False),
+    "padding-free, packed attention": (FlatCollator(), True),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_example_losses_match_one_at_a_time(lora_model, features, layout):
     expected = reference_losses(lora_model, features)
-    assert per_example_losses(lora_model, collator(features)) == pytest.approx(expected, rel=1e-4)
+    collator, packed = LAYOUTS[layout]
+    with packed_attention(lora_model) if packed else nullcontext():
+        got = per_example_losses(lora_model, collator(features))
+    assert got == pytest.approx(expected, rel=1e-4)
 
 
 def test_batch_loss_is_the_mean_over_summary_tokens_in_both_layouts(lora_model, features):
@@ -101,17 +127,35 @@ def test_batch_loss_is_the_mean_over_summary_tokens_in_both_layouts(lora_model, 
 
 
 def test_gradients_match_between_padded_and_padding_free(lora_model, features):
-    grads = []
-    for collator in (PadCollator(pad_token_id=0), FlatCollator()):
+    grads = {}
+    for layout, (collator, packed) in LAYOUTS.items():
         lora_model.zero_grad()
         batch = collator(features)
         labels = batch.pop("labels")
-        summary_loss(lora_model(**batch), labels).backward()
-        grads.append({n: p.grad.clone() for n, p in lora_model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-6, msg=name)
-    assert any(g.abs().sum() > 0 for g in grads[0].values())
+        with packed_attention(lora_model) if packed else nullcontext():
+            summary_loss(lora_model(**batch), labels).backward()
+        grads[layout] = {n: p.grad.clone() for n, p in lora_model.named_parameters() if p.requires_grad}
+    reference = grads.pop("padded")
+    assert reference and any(g.abs().sum() > 0 for g in reference.values())
+    for layout, got in grads.items():
+        assert got.keys() == reference.keys()
+        for name in reference:
+            torch.testing.assert_close(got[name], reference[name], rtol=1e-3, atol=1e-6, msg=f"{layout}: {name}")
+
+
+def test_flat_rows_say_where_each_example_starts(features):
+    batch = FlatCollator()(features)
+    lengths = [len(f["input_ids"]) for f in features]
+    assert batch["cu_seq_lens_q"].tolist() == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and torch.equal(batch["cu_seq_lens_k"], batch["cu_seq_lens_q"])
+    assert batch["max_length_q"] == batch["max_length_k"] == max(lengths)
+
+
+def test_packed_attention_refuses_padded_batches(lora_model, features):
+    batch = PadCollator(pad_token_id=0)(features)
+    batch.pop("labels")
+    with packed_attention(lora_model), pytest.raises(ValueError, match="needs one packed row and its cu_seq_lens_q"):
+        lora_model(**batch)
 
 
 def test_loss_positions_are_shifted_by_one():

@@ -112,3 +112,84 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     other = json.loads((tmp_path / "metrics/train.json").read_text())
     assert other["resumed_from_step"] == 0 and other["steps"] == 6
     assert other["train_loss"] != pytest.approx(whole["train_loss"], rel=1e-4)
+
+
+def _training_params(**training):
+    return parse_params(offline_params(model={"base_model": str(TINY_MODEL)}, training=training))
+
+
+def _checkpointing(model) -> bool:
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else (
+        "is_gradient_checkpointing")
+    return getattr(model, name)
+
+
+def _loss(model, batch: dict) -> float:
+    import torch
+
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_dequantized_base_computes_what_the_4bit_kernels_compute(tiny_tokenizer):
+    """training.dequantize swaps bitsandbytes' 4-bit layers for plain ones holding the same unpacked values."""
+    from bitsandbytes.nn import Linear4bit
+
+    from stages.modeling import choose_device, load_base_model
+    from stages.train import prepare_base
+
+    batch = tiny_tokenizer(["Anna: Lunch at 1?\nTom: Sure, the Italian place."], return_tensors="pt")
+    batch["labels"] = batch["input_ids"].clone()
+    losses = {}
+    for dequantize in (False, True):
+        params = _training_params(dequantize=dequantize, padding_free=False)
+        policy = choose_device(params.quantization)
+        model = prepare_base(load_base_model(params.model, params.quantization, policy), params, policy)
+        four_bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
+        assert bool(four_bit) != dequantize
+        assert not any(p.requires_grad for p in model.parameters())
+        losses[dequantize] = _loss(model, batch)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_switches_set_attention_checkpointing_and_float32_frozen_layers():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.modeling import choose_device
+    from stages.train import prepare_base
+
+    params = _training_params(padding_free=True, gradient_checkpointing=True, upcast_frozen=True)
+    params = replace(params, quantization=replace(params.quantization, use_4bit=False))
+    model = prepare_base(AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.bfloat16), params,
+                         choose_device(params.quantization))
+    assert model.config._attn_implementation == "packed"
+    assert _checkpointing(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+    params = _training_params(padding_free=False, gradient_checkpointing=False, upcast_frozen=False)
+    params = replace(params, quantization=replace(params.quantization, use_4bit=False))
+    model = prepare_base(AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.bfloat16), params,
+                         choose_device(params.quantization))
+    assert model.config._attn_implementation == "sdpa"
+    assert not _checkpointing(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_compile_is_skipped_on_cpu_and_said(caplog):
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from stages.modeling import choose_device
+    from stages.train import add_lora, decoder_layers
+
+    params = _training_params(compile=True)
+    params = replace(params, quantization=replace(params.quantization, use_4bit=False))
+    base = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+    with caplog.at_level(logging.INFO, logger="stages.train"):
+        model = add_lora(base, params, choose_device(params.quantization))
+    assert "training.compile applies on CUDA only" in caplog.text
+    layers = decoder_layers(model)
+    assert len(layers) == base.config.num_hidden_layers
+    assert not any(getattr(layer, "_compiled_call_impl", None) for layer in layers)
