@@ -310,6 +310,7 @@ def describe_trainer(trainer: Trainer) -> dict[str, Any]:
 def measure(name: str, bench: Bench, pad_token_id: int) -> dict[str, Any]:
     """Build one setup's trainer, train it for warm-up + timed steps, and return its numbers."""
     report.reset_memory()
+    left_over = report.allocated_gib()  # what earlier setups in this process still hold: not this setup's
     meter = ThroughputMeter(pad_token_id, bench.warmup)
     trainer = BUILDERS[name](bench, meter)
     meter.attach(trainer)
@@ -319,7 +320,8 @@ def measure(name: str, bench: Bench, pad_token_id: int) -> dict[str, Any]:
         result = {
             "setup": name,
             **meter.summary(),
-            "peak_memory_gib": round(report.peak_memory_gib(), 3),
+            "peak_memory_gib": round(report.peak_memory_gib() - left_over, 3),
+            "left_over_gib": round(left_over, 3),
             "first_loss": round(losses[0], 4) if losses else None,
             "final_loss": round(losses[-1], 4) if losses else None,
             "sequences_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps,
@@ -366,6 +368,8 @@ def run(
             "project_overrides": bench.project_overrides,
         },
     )
+    if torch.cuda.is_available():
+        out["peak_memory"] += ", less what earlier setups still held when it began (left_over_gib)"
     results, skipped, failed = [], [], []
     for name in setups:
         log.info("setup %s: %d warm-up + %d timed steps", name, warmup, steps)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -50,14 +51,15 @@ def per_example(model, batch: dict, device: str) -> tuple[list[float], dict[str,
     return [r.mean().item() for r in rows], grads
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=16)
-    parser.add_argument("--tiny", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="2 layers, hidden size 128: a CPU smoke test")
+    parser.add_argument("--model-dir", type=Path, default=None, help="where the random model is built (reused)")
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model_dir = benchmark_model(args.tiny)
+    model_dir = benchmark_model(args.tiny, args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     features = examples_for(tokenizer, args.examples, seed=1)
     torch.manual_seed(0)

@@ -53,6 +53,11 @@ def memory_kind() -> str:
     return "process peak RSS (no GPU): includes everything loaded before, never reset between setups"
 
 
+def allocated_gib() -> float:
+    """GPU memory allocated now (0 without a GPU): what a setup finds already taken when it starts."""
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
 def reset_memory() -> None:
     """Free what earlier setups left behind and restart the peak-memory count."""
     gc.collect()

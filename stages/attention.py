@@ -41,6 +41,11 @@ def flash_available(device: torch.device) -> bool:
     return device.type == "cuda" and _varlen() is not None and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+# Resolved by register(), outside any compiled region: looking it up inside a compiled decoder layer would
+# break the graph there (device queries and cached calls are not traceable).
+_FLASH: tuple | None = None
+
+
 def _per_example(query, key, value, starts: list[int], scaling: float) -> torch.Tensor:
     """Reference path: one causal SDPA call per example. Inputs (T, H, D); output (T, H, D)."""
     groups = query.shape[1] // key.shape[1]
@@ -75,8 +80,8 @@ def packed_attention(
         raise ValueError("packed attention has no attention dropout; set the model's attention_dropout to 0")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
-    if flash_available(q.device):
-        varlen_attn, causal, takes_gqa = _varlen()
+    if q.is_cuda and _FLASH is not None:
+        varlen_attn, causal, takes_gqa = _FLASH
         if not takes_gqa and k.shape[1] != q.shape[1]:
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -94,5 +99,8 @@ def packed_attention(
 
 def register() -> str:
     """Make "packed" a name transformers accepts as an attention implementation; returns the name."""
+    global _FLASH
+    if torch.cuda.is_available() and flash_available(torch.device("cuda")):
+        _FLASH = _varlen()
     AttentionInterface.register(NAME, packed_attention)
     return NAME

@@ -326,6 +326,10 @@ def main() -> None:
             "optim": policy.optim,
             "gradient_checkpointing": params.training.gradient_checkpointing,
             "padding_free": params.training.padding_free,
+            "attention": model.get_base_model().config._attn_implementation,
+            "dequantized": params.quantization.use_4bit and params.training.dequantize,
+            "compiled": params.training.compile and policy.device == "cuda",
+            "upcast_frozen": params.training.upcast_frozen,
         },
     )
     log.info("adapter saved to %s", ADAPTER)

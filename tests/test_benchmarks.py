@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks import bench_eval, bench_train
+from benchmarks import bench_eval, bench_train, check_packed
 from benchmarks.lengths import IGNORE_INDEX, SAMSUM, examples_for, ordinary_token_ids, prompts_of, sample_lengths
 from benchmarks.llama_shaped import build_llama_1b_shaped, default_tokenizer_dir
 from conftest import TINY_MODEL
@@ -127,3 +127,10 @@ def test_bench_train_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: Non
 def test_overrides_nest_and_parse_values():
     assert bench_train.parse_overrides(["training.padding_free=false", "lora.target_modules=[q_proj,k_proj]"]) == {
         "training": {"padding_free": False}, "lora": {"target_modules": ["q_proj", "k_proj"]}}
+
+
+def test_check_packed_compares_packed_and_padded_against_float32(tmp_path, capsys, one_thread):
+    assert check_packed.main(["--tiny", "--examples", "4", "--model-dir", str(tmp_path / "model")]) == 0
+    out = capsys.readouterr().out
+    assert "cpu (one SDPA per example), 4 examples" in out
+    assert "padded float32" in out and "packed" in out and out.rstrip().endswith("OK")

@@ -89,6 +89,9 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     run_stage(tmp_path, "stages.train")
     whole = json.loads((tmp_path / "metrics/train.json").read_text())
     assert whole["steps"] == 6 and whole["resumed_from_step"] == 0
+    # The offline profile: padded batches under SDPA, the 4-bit base unpacked, nothing compiled on CPU.
+    assert (whole["attention"], whole["dequantized"], whole["compiled"], whole["upcast_frozen"]) == (
+        "sdpa", True, False, False)
     losses = [e["loss"] for e in json.loads(
         (tmp_path / "models/checkpoints/checkpoint-6/trainer_state.json").read_text())["log_history"] if "loss" in e]
 
