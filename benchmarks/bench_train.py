@@ -287,21 +287,19 @@ BUILDERS: dict[str, Callable[[Bench, ThroughputMeter], Trainer]] = {
 
 
 def describe_trainer(trainer: Trainer) -> dict[str, Any]:
+    from stages.train import checkpointing_on
+
     args = trainer.args
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     collator = trainer.data_collator
-    # Newer transformers (5.24) renamed is_gradient_checkpointing and warn on the old name; 5.17 has only that one
-    checkpointing_attr = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else (
-        "is_gradient_checkpointing"
-    )
     return {
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "optim": str(getattr(args.optim, "value", args.optim)),
         "learning_rate": args.learning_rate,
         "bf16": args.bf16,
-        "gradient_checkpointing": bool(getattr(base, checkpointing_attr, False)),
+        "gradient_checkpointing": checkpointing_on(base),
         "collator": type(collator).__name__,
         "attn_implementation": getattr(base.config, "_attn_implementation", None),
     }

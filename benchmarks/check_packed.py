@@ -31,6 +31,21 @@ SLACK = 2.0  # how much further from the float32 reference than the padded bf16 
 FLOOR = 1e-4
 
 
+def example_means(logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> list[float]:
+    """Mean loss over each example's summary tokens, from the logits kept at `batch["logits_to_keep"]`; the
+    batch is padded rows or one packed row (`position_ids` restarting at each example)."""
+    keep = batch["logits_to_keep"]
+    targets = labels[:, keep + 1]
+    token = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none",
+                                              ignore_index=IGNORE_INDEX).view(targets.shape)
+    if "position_ids" in batch:  # one row: the example of a position is the count of restarts before it
+        example = (batch["position_ids"][0] == 0).cumsum(0)[keep + 1] - 1
+        rows = [token[0][(example == i) & (targets[0] != IGNORE_INDEX)] for i in range(int(example.max()) + 1)]
+    else:
+        rows = [token[i][targets[i] != IGNORE_INDEX] for i in range(targets.shape[0])]
+    return [r.mean().item() for r in rows]
+
+
 def per_example(model, batch: dict, device: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Mean loss of each example in the batch, and the LoRA gradients of the batch's summary-token mean."""
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -39,16 +54,7 @@ def per_example(model, batch: dict, device: str) -> tuple[list[float], dict[str,
     outputs = model(**batch)
     summary_loss(outputs, labels).backward()
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
-    keep = batch["logits_to_keep"]
-    targets = labels[:, keep + 1]
-    token = torch.nn.functional.cross_entropy(outputs.logits.detach().float().flatten(0, 1), targets.flatten(),
-                                              reduction="none", ignore_index=IGNORE_INDEX).view(targets.shape)
-    if "position_ids" in batch:
-        example = (batch["position_ids"][0] == 0).cumsum(0)[keep + 1] - 1
-        rows = [token[0][(example == i) & (targets[0] != IGNORE_INDEX)] for i in range(int(example.max()) + 1)]
-    else:
-        rows = [token[i][targets[i] != IGNORE_INDEX] for i in range(targets.shape[0])]
-    return [r.mean().item() for r in rows], grads
+    return example_means(outputs.logits.detach(), labels, batch), grads
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,14 @@ def prepare_base(base: torch.nn.Module, params: Params, policy: DevicePolicy) ->
     return base
 
 
+def checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether activation checkpointing is on (transformers 5.24 renamed is_gradient_checkpointing, 5.17 has
+    only the old name)."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else (
+        "is_gradient_checkpointing")
+    return bool(getattr(model, name, False))
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 

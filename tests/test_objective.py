@@ -9,6 +9,7 @@ from contextlib import contextmanager, nullcontext
 import pytest
 import torch
 
+from benchmarks.check_packed import example_means
 from conftest import TINY_MODEL
 from stages import attention
 from stages.batching import FlatCollator, PadCollator
@@ -66,16 +67,7 @@ def per_example_losses(model, batch: dict) -> list[float]:
     labels = batch.pop("labels")
     with torch.no_grad():
         logits = model(**batch).logits
-    keep = batch["logits_to_keep"]
-    targets = labels[:, keep + 1]
-    token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none",
-                                                   ignore_index=IGNORE_INDEX).view(targets.shape)
-    if "position_ids" in batch:  # one row: the example of a position is the count of restarts before it
-        example = (batch["position_ids"][0] == 0).cumsum(0)[keep + 1] - 1
-        rows = [token_loss[0][(example == i) & (targets[0] != IGNORE_INDEX)] for i in range(int(example.max()) + 1)]
-    else:
-        rows = [token_loss[i][targets[i] != IGNORE_INDEX] for i in range(targets.shape[0])]
-    return [r.mean().item() for r in rows]
+    return example_means(logits, labels, batch)
 
 
 def test_only_positions_before_summary_tokens_get_logits(features):

@@ -11,7 +11,7 @@ import yaml
 from conftest import TINY_MODEL, offline_params
 from stages.errors import PipelineError
 from stages.params import parse_params
-from stages.train import RUN_FINGERPRINT, check_target_modules, checkpoint_to_resume, run_fingerprint
+from stages.train import RUN_FINGERPRINT, check_target_modules, checkpoint_to_resume, checkpointing_on, run_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,12 +121,6 @@ def _training_params(**training):
     return parse_params(offline_params(model={"base_model": str(TINY_MODEL)}, training=training))
 
 
-def _checkpointing(model) -> bool:
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else (
-        "is_gradient_checkpointing")
-    return getattr(model, name)
-
-
 def _loss(model, batch: dict) -> float:
     import torch
 
@@ -167,7 +161,7 @@ def test_switches_set_attention_checkpointing_and_float32_frozen_layers():
     model = prepare_base(AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.bfloat16), params,
                          choose_device(params.quantization))
     assert model.config._attn_implementation == "packed"
-    assert _checkpointing(model)
+    assert checkpointing_on(model)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
     params = _training_params(padding_free=False, gradient_checkpointing=False, upcast_frozen=False)
@@ -175,7 +169,7 @@ def test_switches_set_attention_checkpointing_and_float32_frozen_layers():
     model = prepare_base(AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.bfloat16), params,
                          choose_device(params.quantization))
     assert model.config._attn_implementation == "sdpa"
-    assert not _checkpointing(model)
+    assert not checkpointing_on(model)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
