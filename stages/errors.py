@@ -1,10 +1,29 @@
-"""The project's one exception type, and how a stage reports it: one line, non-zero exit, no traceback."""
+"""The project's one exception type, and how a stage reports: one line on error, no traceback, and a log
+without the library chatter that is not the user's to act on."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable
+
+# Progress bars redraw in place with carriage returns; in a log file (DVC's queue, CI, `dvc repro > log`) every
+# redraw lands on the same line, so a bar that is not on a terminal redraws at most this often (seconds).
+LOG_FILE_PROGRESS_INTERVAL = "30"
+
+
+def quiet_libraries() -> None:
+    """Silence messages that are about the libraries' internals, not about the run."""
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer on every call
+    # bitsandbytes on CPUs with AVX-512 BF16 looks for an optional hub kernel package (which would fetch code at
+    # run time) and warns when it is absent; its built-in kernel is used instead, which is what we want.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft reads transformers' old name of the checkpointing flag; transformers then warns on every model load.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", LOG_FILE_PROGRESS_INTERVAL)
 
 
 class PipelineError(Exception):
@@ -14,7 +33,7 @@ class PipelineError(Exception):
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer on every call
+    quiet_libraries()
     try:
         main()
     except PipelineError as err:
