@@ -9,6 +9,9 @@ like DataCollatorForLanguageModeling, would silently train on the prompt too):
   examples and no compute is spent on padding. Under plain SDPA, transformers builds a block-diagonal causal
   mask from the position ids instead.
 Both add `logits_to_keep` so the LM head runs only where the loss is (see stages/objective.py).
+
+`split_batch` cuts a collated batch of either layout, at example boundaries, into smaller batches of the same
+layout (training.max_tokens_per_micro_batch; see stages/microbatch.py).
 """
 
 from __future__ import annotations
@@ -62,10 +65,58 @@ class FlatCollator:
         position_ids = torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None]
         # An example's first token must never be a target: it would be predicted from the previous example.
         labels[position_ids == 0] = IGNORE_INDEX
-        lengths = torch.tensor([0] + [len(f["input_ids"]) for f in features])
-        boundaries = lengths.cumsum(0).to(torch.int32)
-        longest = int(lengths.max())
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "logits_to_keep": loss_positions(labels),
-                "cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries.clone(),
-                "max_length_q": longest, "max_length_k": longest}
+                "logits_to_keep": loss_positions(labels), **example_boundaries([len(f["input_ids"]) for f in features])}
+
+
+def example_boundaries(lengths: list[int], device: torch.device | str | None = None) -> dict:
+    """Where the examples of a flat row start and end, and the longest, as variable-length attention reads them."""
+    boundaries = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+    longest = max(lengths)
+    return {"cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries.clone(), "max_length_q": longest,
+            "max_length_k": longest}
+
+
+def example_lengths(batch: dict) -> list[int]:
+    """Tokens of each example in a collated batch: a flat row's spans, or a padded batch's unpadded rows."""
+    if "cu_seq_lens_q" in batch:
+        return batch["cu_seq_lens_q"].diff().tolist()
+    return batch["attention_mask"].sum(dim=1).tolist()
+
+
+def group_examples(lengths: list[int], max_tokens: int, padded: bool) -> list[range]:
+    """Consecutive examples in groups of at most `max_tokens` tokens (padded: rows x the group's longest row);
+    an example longer than `max_tokens` makes a group of its own."""
+    groups, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest = max(longest, n)
+        tokens = (i + 1 - start) * longest if padded else sum(lengths[start:i + 1])
+        if tokens > max_tokens and i > start:
+            groups.append(range(start, i))
+            start, longest = i, n
+    groups.append(range(start, len(lengths)))
+    return groups
+
+
+def split_batch(batch: dict, max_tokens: int) -> list[dict]:
+    """The batch as consecutive smaller batches of the same layout, each of at most `max_tokens` tokens (a flat
+    row's length, or rows x padded length) unless it is one longer example; `[batch]` if it fits already."""
+    lengths = example_lengths(batch)
+    flat = "cu_seq_lens_q" in batch
+    groups = group_examples(lengths, max_tokens, padded=not flat)
+    if len(groups) == 1:
+        return [batch]
+    pieces = []
+    if flat:
+        starts = batch["cu_seq_lens_q"].tolist()
+        for group in groups:
+            span = slice(starts[group.start], starts[group.stop])
+            piece = {key: batch[key][:, span] for key in ("input_ids", "labels", "position_ids")}
+            pieces.append({**piece, **example_boundaries(lengths[group.start:group.stop], batch["input_ids"].device)})
+    else:
+        for group in groups:
+            rows, width = slice(group.start, group.stop), max(lengths[group.start:group.stop])
+            pieces.append({key: batch[key][rows, :width] for key in ("input_ids", "labels", "attention_mask")})
+    for piece in pieces:
+        piece["logits_to_keep"] = loss_positions(piece["labels"])
+    return pieces

@@ -20,6 +20,11 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
 
 
+def loss_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens carry loss (the targets of positions 0..n-2 of each row), as the Trainer counts them."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
 def summary_loss(outputs, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the kept logits against the next tokens, summed then divided by the loss tokens.
 
@@ -34,7 +39,7 @@ def summary_loss(outputs, labels: torch.Tensor, num_items_in_batch: int | torch.
                          "the batch must carry logits_to_keep = loss_positions(labels)")
     total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                             reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+    count = num_items_in_batch if num_items_in_batch is not None else loss_token_count(labels)
     if isinstance(count, torch.Tensor):
         count = count.to(total.device)
     return total / count
