@@ -5,30 +5,36 @@
 Reads data/tokenized/; writes models/adapter/ (LoRA adapter + tokenizer, loadable with
 `PeftModel.from_pretrained(base, "models/adapter")`), metrics/train.json and the training curves under
 metrics/curves/. Checkpoints go to models/checkpoints/; a later run with the same params and data resumes
-from the newest one.
+from the newest one (stages/checkpoints.py). Steps run in passes of at most training.max_tokens_per_micro_batch
+tokens (stages/microbatch.py); a run that still runs out of GPU memory stops with one line saying what to lower,
+and resumes from its last checkpoint after that change.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.trainer_utils import get_last_checkpoint
 
 from stages import attention
 from stages.batching import FlatCollator, PadCollator
+from stages.checkpoints import (
+    CHECKPOINTS,
+    RUN_FINGERPRINT,  # noqa: F401  (still imported from here by tests/test_bad_input.py)
+    checkpoint_step,
+    checkpoint_to_resume,
+    run_fingerprint,
+    train_resuming,
+)
 from stages.errors import PipelineError, run_stage
 from stages.files import atomic_dir, write_json
+from stages.microbatch import TokenCappedTrainer, out_of_memory_error
 from stages.modeling import DevicePolicy, choose_device, load_base_model, load_tokenizer, peak_memory_gib
 from stages.objective import summary_loss
 from stages.params import Params, load_params
@@ -37,10 +43,8 @@ log = logging.getLogger(__name__)
 
 TOKENIZED = "data/tokenized"
 ADAPTER = "models/adapter"
-CHECKPOINTS = "models/checkpoints"
 CURVES = "metrics/curves"
 METRICS = "metrics/train.json"
-RUN_FINGERPRINT = "run.json"  # inside CHECKPOINTS: which params and data its checkpoints belong to
 
 
 def linear_module_names(model: torch.nn.Module) -> set[str]:
@@ -176,11 +180,12 @@ def build_trainer(
     validation: Dataset | None,
     callbacks: list,
     output_dir: str = CHECKPOINTS,
-) -> Trainer:
-    """The Trainer of the train stage: our collators (labels kept, never rebuilt) and the summary-only loss."""
+) -> TokenCappedTrainer:
+    """The Trainer of the train stage: our collators (labels kept, never rebuilt), the summary-only loss, and
+    passes of at most training.max_tokens_per_micro_batch tokens."""
     args = training_arguments(params, policy, has_eval=validation is not None)
     args.output_dir = output_dir
-    return Trainer(
+    return TokenCappedTrainer(
         model=model,
         args=args,
         train_dataset=train,
@@ -189,53 +194,8 @@ def build_trainer(
         processing_class=tokenizer,
         compute_loss_func=summary_loss,
         callbacks=callbacks,
+        max_tokens=params.training.max_tokens_per_micro_batch,
     )
-
-
-def run_fingerprint(params: Params, data_dir: str | Path) -> str:
-    """A hash of everything a checkpoint depends on: the training params and the tokenized data files."""
-    h = hashlib.sha256()
-    relevant = {k: asdict(getattr(params, k)) for k in ("model", "quantization", "lora", "training")}
-    h.update(json.dumps({"seed": params.seed, **relevant}, sort_keys=True).encode())
-    for path in sorted(p for p in Path(data_dir).rglob("*") if p.is_file()):
-        h.update(path.relative_to(data_dir).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def _marked_fingerprint(marker: Path) -> str | None:
-    try:
-        return json.loads(marker.read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):  # damaged marker: whose checkpoints these are is unknown
-        return None
-
-
-def _finished(checkpoint: str) -> bool:
-    """Whether the checkpoint is the end of its run (a forced re-run must then train anew, not resume)."""
-    try:
-        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False  # damaged: resuming will say so
-    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
-
-
-def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS) -> str | None:
-    """The newest checkpoint of an interrupted run with the same fingerprint; otherwise clear the folder."""
-    checkpoints = Path(checkpoints)
-    marker = checkpoints / RUN_FINGERPRINT
-    same_run = marker.is_file() and _marked_fingerprint(marker) == fingerprint
-    last = get_last_checkpoint(str(checkpoints)) if same_run else None
-    if last and not _finished(last):
-        return last
-    if checkpoints.exists():
-        if last:
-            log.info("%s holds a finished run: training anew", checkpoints)
-        elif any(p.name != RUN_FINGERPRINT for p in checkpoints.iterdir()):
-            log.info("%s holds checkpoints of other params or data: starting clean", checkpoints)
-        shutil.rmtree(checkpoints)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
-    return None
 
 
 def curves_callback(resume: bool) -> list:
@@ -249,18 +209,6 @@ def curves_callback(resume: bool) -> list:
     from transformers.integrations import DVCLiveCallback
 
     return [DVCLiveCallback(live=Live(CURVES, dvcyaml=None, save_dvc_exp=False, resume=resume, report=None))]
-
-
-def checkpoint_step(checkpoint: str) -> int:
-    """The optimizer step a Trainer checkpoint folder (`checkpoint-<step>`) was saved at."""
-    return int(Path(checkpoint).name.split("-")[-1])
-
-
-def tokens_seen(checkpoint: str | None) -> int:
-    """Non-padding tokens trained on before `checkpoint` (0 for a fresh run)."""
-    if checkpoint is None:
-        return 0
-    return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
 
 
 def file_mb(path: str | Path) -> float:
@@ -291,18 +239,11 @@ def main() -> None:
                             callbacks)
     start = time.perf_counter()
     try:
-        tokens_before = tokens_seen(resume_from)
-        result = trainer.train(resume_from_checkpoint=resume_from)
-    except Exception as err:  # a damaged checkpoint fails in json, safetensors or torch.load
-        # Only a failure while restoring the checkpoint is its fault; later errors (e.g. out of memory) propagate.
-        if resume_from is None or trainer.state.global_step > checkpoint_step(resume_from):
-            raise
-        raise PipelineError(
-            f"could not resume from {resume_from} ({type(err).__name__}: {str(err)[:200]}); "
-            f"delete {CHECKPOINTS}/ to start clean"
-        ) from None
-    runtime = time.perf_counter() - start
-    eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
+        result, tokens = train_resuming(trainer, resume_from)
+        runtime = time.perf_counter() - start
+        eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
+    except torch.OutOfMemoryError as err:
+        raise out_of_memory_error(err, trainer, params.training) from None
     for callback in callbacks:
         callback.live.end()
 
@@ -311,7 +252,6 @@ def main() -> None:
         tokenizer.save_pretrained(tmp)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     resumed_step = checkpoint_step(resume_from) if resume_from else 0
-    tokens = trainer.state.num_input_tokens_seen - tokens_before
     write_json(
         METRICS,
         {
@@ -332,6 +272,8 @@ def main() -> None:
             **policy.describe(),
             "quantized": params.quantization.use_4bit,
             "optim": policy.optim,
+            "max_tokens_per_micro_batch": params.training.max_tokens_per_micro_batch,
+            "micro_batches": trainer.passes,
             "gradient_checkpointing": params.training.gradient_checkpointing,
             "padding_free": params.training.padding_free,
             "attention": model.get_base_model().config._attn_implementation,

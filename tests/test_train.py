@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from conftest import TINY_MODEL, offline_params
+from stages.checkpoints import RUN_FINGERPRINT, SPEED_AND_MEMORY_SWITCHES, checkpoint_to_resume, run_fingerprint
 from stages.errors import PipelineError
 from stages.params import parse_params
-from stages.train import RUN_FINGERPRINT, check_target_modules, checkpoint_to_resume, checkpointing_on, run_fingerprint
+from stages.train import check_target_modules, checkpointing_on
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +39,16 @@ def test_fingerprint_follows_training_params_and_data(tmp_path):
     assert run_fingerprint(params, data) == base
     assert run_fingerprint(replace(params, lora=replace(params.lora, r=16)), data) != base
     assert run_fingerprint(replace(params, seed=1), data) != base
-    # Evaluation params don't touch the checkpoints.
+    assert run_fingerprint(replace(params, training=replace(params.training, learning_rate=1e-3)), data) != base
+    # Evaluation params don't touch the checkpoints, and neither do the switches that change only speed or memory:
+    # a run stopped for lack of memory resumes after one of them is changed.
     assert run_fingerprint(replace(params, eval=replace(params.eval, batch_size=1)), data) == base
+    faster_or_smaller = {"max_tokens_per_micro_batch": 512, "gradient_checkpointing": True, "compile": False,
+                         "dequantize": False, "padding_free": False, "per_device_eval_batch_size": 1}
+    assert set(faster_or_smaller) == set(SPEED_AND_MEMORY_SWITCHES)
+    for switch, value in faster_or_smaller.items():
+        assert getattr(params.training, switch) != value
+        assert run_fingerprint(replace(params, training=replace(params.training, **{switch: value})), data) == base
     (data / "a.arrow").write_bytes(b"1235")
     assert run_fingerprint(params, data) != base
 
@@ -72,20 +81,26 @@ def run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.slow
-def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
+def tokenized_project(root: Path, **training) -> dict:
+    """A project at `root` with a small offline profile prepared and tokenized; returns its params."""
     params = offline_params(
         model={"base_model": str(TINY_MODEL)},
         data={"train_samples": 48, "validation_samples": 8, "test_samples": 4},
         training={"max_steps": 6, "save_steps": 3, "eval_steps": 3, "logging_steps": 1,
-                  "per_device_train_batch_size": 4, "save_total_limit": 5},
+                  "per_device_train_batch_size": 4, "save_total_limit": 5, **training},
     )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "samples").symlink_to(ROOT / "data" / "samples")
-    run_stage(tmp_path, "stages.prepare")
-    run_stage(tmp_path, "stages.tokenize_mask")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "data").mkdir()
+    (root / "data" / "samples").symlink_to(ROOT / "data" / "samples")
+    run_stage(root, "stages.prepare")
+    run_stage(root, "stages.tokenize_mask")
+    return params
 
+
+@pytest.mark.slow
+def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
+    params = tokenized_project(tmp_path)
     run_stage(tmp_path, "stages.train")
     whole = json.loads((tmp_path / "metrics/train.json").read_text())
     assert whole["steps"] == 6 and whole["resumed_from_step"] == 0
@@ -117,13 +132,74 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     assert other["train_loss"] != pytest.approx(whole["train_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_out_of_memory_stops_with_one_line_and_a_lower_cap_resumes_the_run(tmp_path, monkeypatch, capsys):
+    """A pass that runs out of memory at step 5 stops the stage with one error line naming the switches; the
+    checkpoints stay, and after the cap is lowered the next run resumes from step 4 and ends where a run that never
+    ran short ends (without dropout, whose draws would differ with the passes)."""
+    import re
+    import shutil
+
+    import torch
+    from transformers import Trainer
+
+    from stages import errors, train
+
+    params = tokenized_project(tmp_path, save_steps=2, max_tokens_per_micro_batch=1024)
+    params["lora"]["lora_dropout"] = 0.0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage(tmp_path, "stages.train")
+    whole = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert (whole["steps"], whole["micro_batches"], whole["max_tokens_per_micro_batch"]) == (6, 6, 1024)
+    shutil.rmtree(tmp_path / "models/adapter")
+    (tmp_path / "metrics/train.json").unlink()
+
+    original = Trainer.training_step
+
+    def short_of_memory(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has ...")
+        return original(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(Trainer, "training_step", short_of_memory)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        errors.run_stage(train.main)
+    assert stopped.value.code == 1
+    stderr = capsys.readouterr().err
+    assert stderr.count("error:") == 1
+    message = re.search(r"error: .*", stderr).group(0)
+    shape = (r"error: CUDA ran out of memory at step 5 in a pass of (?P<n>[\d,]+) tokens \(peak [\d.]+ GiB, 1\.50 GiB "
+             r"more wanted\); lower training\.max_tokens_per_micro_batch below (?P=n) \(now 1024\), or set "
+             r"training\.gradient_checkpointing=true; the last checkpoint models/checkpoints/checkpoint-4 is kept and "
+             r"`dvc repro` resumes from it")
+    assert re.fullmatch(shape, message), message
+    assert sorted(p.name for p in (tmp_path / "models/checkpoints").iterdir()) == [
+        "checkpoint-2", "checkpoint-4", RUN_FINGERPRINT]
+    assert not (tmp_path / "metrics/train.json").exists() and not (tmp_path / "models/adapter").exists()
+    monkeypatch.undo()
+
+    # Two padded rows of the tiny profile fit under 256 tokens, four don't: each step now takes several passes.
+    params["training"]["max_tokens_per_micro_batch"] = 256
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage(tmp_path, "stages.train")
+    resumed = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert (resumed["resumed_from_step"], resumed["steps"], resumed["max_tokens_per_micro_batch"]) == (4, 6, 256)
+    assert resumed["micro_batches"] >= 4
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
+    assert resumed["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-4)
+
+
 def _training_params(**training):
     return parse_params(offline_params(model={"base_model": str(TINY_MODEL)}, training=training))
 
 
 def _loss(model, batch: dict) -> float:
+    """The loss as training computes it. In train mode bitsandbytes keeps its float32 4-bit path; in eval mode
+    under no_grad, CPUs with AVX-512 BF16 switch to a bf16 kernel, which no float32 path would match."""
     import torch
 
+    model.train()
     with torch.no_grad():
         return model(**batch).loss.item()
 

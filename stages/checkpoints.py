@@ -1,0 +1,117 @@
+"""Resuming the train stage: which run a checkpoint folder belongs to, and whether and where to resume it.
+
+models/checkpoints/ holds the Trainer's `checkpoint-<step>` folders and a marker (run.json) with the fingerprint
+of the params and data they were trained with. A run finds checkpoints with its own fingerprint and resumes the
+newest; any other folder is cleared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+
+from stages.errors import PipelineError
+from stages.params import Params
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "models/checkpoints"
+RUN_FINGERPRINT = "run.json"  # inside CHECKPOINTS: which params and data its checkpoints belong to
+
+# training.* switches that change only speed or memory, not what is optimised (the same losses and gradients up to
+# float rounding; tests/test_microbatch.py, test_objective.py and test_train.py check it): changing one keeps the
+# checkpoints, so a run stopped for lack of memory resumes after its cap is lowered.
+SPEED_AND_MEMORY_SWITCHES = ("max_tokens_per_micro_batch", "gradient_checkpointing", "compile", "dequantize",
+                             "padding_free", "per_device_eval_batch_size")
+
+
+def run_fingerprint(params: Params, data_dir: str | Path) -> str:
+    """A hash of everything a checkpoint depends on: the training params (less the speed and memory switches)
+    and the tokenized data files."""
+    h = hashlib.sha256()
+    relevant = {k: asdict(getattr(params, k)) for k in ("model", "quantization", "lora", "training")}
+    for switch in SPEED_AND_MEMORY_SWITCHES:
+        del relevant["training"][switch]
+    h.update(json.dumps({"seed": params.seed, **relevant}, sort_keys=True).encode())
+    for path in sorted(p for p in Path(data_dir).rglob("*") if p.is_file()):
+        h.update(path.relative_to(data_dir).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _marked_fingerprint(marker: Path) -> str | None:
+    try:
+        return json.loads(marker.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):  # damaged marker: whose checkpoints these are is unknown
+        return None
+
+
+def _finished(checkpoint: str) -> bool:
+    """Whether the checkpoint is the end of its run (a forced re-run must then train anew, not resume)."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False  # damaged: resuming will say so
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS) -> str | None:
+    """The newest checkpoint of an interrupted run with the same fingerprint; otherwise clear the folder."""
+    checkpoints = Path(checkpoints)
+    marker = checkpoints / RUN_FINGERPRINT
+    same_run = marker.is_file() and _marked_fingerprint(marker) == fingerprint
+    last = get_last_checkpoint(str(checkpoints)) if same_run else None
+    if last and not _finished(last):
+        return last
+    if checkpoints.exists():
+        if last:
+            log.info("%s holds a finished run: training anew", checkpoints)
+        elif any(p.name != RUN_FINGERPRINT for p in checkpoints.iterdir()):
+            log.info("%s holds checkpoints of other params or data: starting clean", checkpoints)
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return None
+
+
+def last_checkpoint(checkpoints: str | Path = CHECKPOINTS) -> str | None:
+    """The newest `checkpoint-<step>` folder, if any."""
+    return get_last_checkpoint(str(checkpoints)) if Path(checkpoints).is_dir() else None
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimizer step a Trainer checkpoint folder (`checkpoint-<step>`) was saved at."""
+    return int(Path(checkpoint).name.split("-")[-1])
+
+
+def tokens_seen(checkpoint: str | None) -> int:
+    """Non-padding tokens trained on before `checkpoint` (0 for a fresh run)."""
+    if checkpoint is None:
+        return 0
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
+
+
+def train_resuming(trainer: Trainer, resume_from: str | None) -> tuple[TrainOutput, int]:
+    """trainer.train(), resumed from `resume_from`: its result and the tokens trained in this run. A failure to
+    restore that checkpoint says how to start clean."""
+    try:
+        before = tokens_seen(resume_from)
+        return trainer.train(resume_from_checkpoint=resume_from), trainer.state.num_input_tokens_seen - before
+    except torch.OutOfMemoryError:
+        raise  # not the checkpoint's fault, even in the first step after it
+    except Exception as err:  # a damaged checkpoint fails in json, safetensors or torch.load
+        # Only a failure while restoring the checkpoint is its fault; later errors propagate.
+        if resume_from is None or trainer.state.global_step > checkpoint_step(resume_from):
+            raise
+        raise PipelineError(
+            f"could not resume from {resume_from} ({type(err).__name__}: {str(err)[:200]}); "
+            f"delete {Path(trainer.args.output_dir).as_posix()}/ to start clean"
+        ) from None
