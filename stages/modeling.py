@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
+from stages import hub
 from stages.errors import PipelineError
 from stages.params import ModelParams, QuantizationParams
 
@@ -20,6 +23,11 @@ log = logging.getLogger(__name__)
 # Llama 3.2 reserves this token for padding; EOS as pad would teach the model never to stop under collators
 # that mask pad ids, and is ambiguous in logs.
 RESERVED_PAD_TOKENS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>")
+# Works whatever was run: `dvc repro`, `python -m stages.<name>`, or an experiment.
+LOCAL_MODEL_HINT = ("set `model.base_model: path/to/folder` (made by save_pretrained) and `model.tokenizer_type: null` "
+                    "in params.yaml, or `dvc exp run -S model.base_model=path/to/folder -S model.tokenizer_type=null` "
+                    "for an experiment")
+Loaded = TypeVar("Loaded")
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,16 @@ def _check_local(name: str, param: str) -> None:
         )
 
 
-def _load_error(name: str, param: str, err: Exception) -> PipelineError:
+def _load_error(name: str, param: str, err: Exception, unavailable: str | None = None) -> PipelineError:
     reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    if unavailable is not None:
+        from huggingface_hub import constants
+
+        cached = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}"
+        detail = (f"the local cache ({cached}) has no complete copy of it ({reason[:200]})" if cached.is_dir()
+                  else f"it is not in the local cache ({constants.HF_HUB_CACHE})")
+        return hub.unavailable_error(f"could not load {param} {name!r} from the Hugging Face hub", unavailable,
+                                     detail, LOCAL_MODEL_HINT)
     if Path(name).expanduser().is_dir():
         return PipelineError(
             f"{param} {name!r} could not be loaded ({reason}); it must be a complete folder made by "
@@ -89,15 +105,28 @@ def _load_error(name: str, param: str, err: Exception) -> PipelineError:
     )
 
 
+def _from_folder_hub_or_cache(load: Callable[..., Loaded], name: str, param: str) -> Loaded:
+    """`load(local_files_only=...)`: from a local folder, else the hub, else (hub unusable) the local hub cache."""
+    _check_local(name, param)
+    unavailable = None if Path(name).expanduser().is_dir() else hub.hub_unavailable()
+    try:
+        if unavailable is None:
+            return load(local_files_only=False)
+        log.info("%s: looking for %s %r in the local cache", unavailable, param, name)
+        # local_files_only alone still lets transformers ask the hub for an adapter_config.json, retrying for 23 s.
+        with hub.libraries_offline():
+            return load(local_files_only=True)
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: damaged weights file
+        raise _load_error(name, param, err, unavailable) from None
+
+
 def load_tokenizer(model: ModelParams) -> PreTrainedTokenizerBase:
     """The tokenizer named by model.tokenizer_type (or base_model), with a chat template and a pad token."""
     name = model.tokenizer_name
     param = "model.tokenizer_type" if model.tokenizer_type else "model.base_model"
-    _check_local(name, param)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=model.revision, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise _load_error(name, param, err) from None
+    tokenizer = _from_folder_hub_or_cache(
+        lambda **hub_args: AutoTokenizer.from_pretrained(name, revision=model.revision, trust_remote_code=False,
+                                                         **hub_args), name, param)
     if not tokenizer.chat_template:
         raise PipelineError(
             f"the tokenizer of {name!r} ({param}) has no chat template; set model.tokenizer_type to an "
@@ -130,16 +159,13 @@ def quantization_config(quant: QuantizationParams, policy: DevicePolicy) -> Bits
 
 def load_base_model(model: ModelParams, quant: QuantizationParams, policy: DevicePolicy) -> torch.nn.Module:
     """The frozen base model, 4-bit when quantization.use_4bit, on the policy's device."""
-    _check_local(model.base_model, "model.base_model")
-    try:
-        base = AutoModelForCausalLM.from_pretrained(
+    return _from_folder_hub_or_cache(
+        lambda **hub_args: AutoModelForCausalLM.from_pretrained(
             model.base_model,
             revision=model.revision,
             quantization_config=quantization_config(quant, policy),
             dtype=policy.compute_dtype,
             device_map={"": 0} if policy.device == "cuda" else "cpu",
             trust_remote_code=False,
-        )
-    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: damaged weights file
-        raise _load_error(model.base_model, "model.base_model", err) from None
-    return base
+            **hub_args,
+        ), model.base_model, "model.base_model")

@@ -24,7 +24,9 @@ SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation"
 FORMATS = (".json", ".jsonl", ".csv", ".parquet")
 SPLIT_COLUMN = "split"
 EMPTY_HINT = "give it rows with a dialogue and a summary, or set data.source to another path"
-LOCAL_HINT = "-S data.source=path/to/folder (one train/validation/test file each; see stages/prepare.py)"
+# Works whatever was run: `dvc repro`, `python -m stages.prepare`, or an experiment.
+LOCAL_HINT = ("set `data.source: path/to/folder` in params.yaml, or `dvc exp run -S data.source=path/to/folder` "
+              "for an experiment (one train/validation/test file each; see stages/prepare.py)")
 
 
 @dataclass(frozen=True)
@@ -179,11 +181,24 @@ def load_hub(dataset_id: str, revision: str) -> dict[str, Table]:
     """Load train/validation/test of a hub dataset (never running remote code)."""
     import datasets
 
+    from stages import hub
+
+    unavailable = hub.hub_unavailable(hub.DATASET_SWITCHES)
     try:
-        loaded = datasets.load_dataset(dataset_id, revision=revision)
+        if unavailable is None:
+            loaded = datasets.load_dataset(dataset_id, revision=revision)
+        else:  # a dataset loaded once before is in datasets' cache: use it rather than fail
+            logger.info("%s: looking for %s in the local cache", unavailable, dataset_id)
+            with hub.libraries_offline():
+                loaded = datasets.load_dataset(dataset_id, revision=revision)
     # load_dataset raises many unrelated types (not found, offline, HTTP, gated, bad files): all end the same.
     except Exception as err:
         reason = (str(err).strip().splitlines() or [""])[0][:200]
+        if unavailable is not None:
+            raise hub.unavailable_error(
+                f"could not load hub dataset {dataset_id!r} at revision {revision!r} (data.source)", unavailable,
+                f"it is not in the local cache ({datasets.config.HF_DATASETS_CACHE}; {type(err).__name__}: {reason})",
+                LOCAL_HINT) from None
         raise PipelineError(f"could not load hub dataset {dataset_id!r} at revision {revision!r} "
                             f"({type(err).__name__}: {reason}); data.source is not an existing local path "
                             f"either; to use local files: {LOCAL_HINT}") from None

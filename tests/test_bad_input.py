@@ -9,11 +9,17 @@ test_prepare.py and test_params.py.
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +85,13 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
 
 
-def run(root: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", *args], cwd=root, env=env, capture_output=True, text=True,
+def run(root: Path, *args: str, timeout: int = 300, env: dict[str, str | None] | None = None
+        ) -> subprocess.CompletedProcess:
+    """`python -m <args>` in `root`, with `env` changing the environment (None removes a variable)."""
+    changes = {"PYTHONPATH": str(ROOT), **(env or {})}
+    environment = {**os.environ, **changes}
+    environment = {name: value for name, value in environment.items() if value is not None}
+    return subprocess.run([sys.executable, "-m", *args], cwd=root, env=environment, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -97,10 +107,11 @@ def error_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
     return errors[0]
 
 
-def fails_cleanly(root: Path, args: tuple[str, ...], *fragments: str) -> subprocess.CompletedProcess:
+def fails_cleanly(root: Path, args: tuple[str, ...], *fragments: str, env: dict[str, str | None] | None = None
+                  ) -> subprocess.CompletedProcess:
     """Run a stage that must fail; check its message and that no file in the project changed."""
     before = snapshot(root)
-    proc = run(root, *args)
+    proc = run(root, *args, env=env)
     error_line(proc, *fragments)
     after = snapshot(root)
     assert after.keys() == before.keys(), f"files added/removed: {sorted(after.keys() ^ before.keys())}"
@@ -173,13 +184,6 @@ def test_prepare_names_a_missing_source_path(tmp_path):
     fails_cleanly(root, ("stages.prepare",), "data.source 'mydata/all.jsonl' does not exist")
 
 
-def test_unreachable_hub_dataset_says_how_to_use_local_files(tmp_path):
-    root = stage_project(tmp_path)
-    set_params(root, **{"data.source": "nobody/no-such-dialogues"})
-    fails_cleanly(root, ("stages.prepare",), "could not load hub dataset 'nobody/no-such-dialogues'",
-                  "-S data.source=path/to/folder")
-
-
 def test_unusable_rows_are_skipped_and_counted(tmp_path):
     root = stage_project(tmp_path)
     good = sample_rows("train", 3)
@@ -244,11 +248,9 @@ def test_generation_budget_must_be_positive(tmp_path):
     [
         ("{tmp}/models/llama-1b", ("model.base_model '{tmp}/models/llama-1b' does not exist",
                                    "a folder made by save_pretrained")),
-        ("offline/no-such-model", ("could not load model.base_model 'offline/no-such-model' from the Hugging Face hub",
-                                   "no local folder of that name exists", "hf auth login",
-                                   "set model.base_model to a folder made by save_pretrained")),
+        ("./llama-1b", ("model.base_model './llama-1b' does not exist", "a folder made by save_pretrained")),
     ],
-    ids=["missing-local-dir", "unreachable-hub-id"],
+    ids=["missing-local-dir", "missing-relative-dir"],
 )
 def test_missing_model_says_where_it_was_looked_for(tmp_path, base_model, fragments):
     root = stage_project(tmp_path)
@@ -399,6 +401,192 @@ def test_unknown_lora_targets_list_the_models_layers_after_one_device_line(tmp_p
     assert len(device_lines) == 1, proc.stderr[-3000:]
     assert "float32 compute instead of bfloat16" in device_lines[0]
     assert "adamw_torch instead of paged_adamw_8bit" in device_lines[0]
+
+
+# --- the Hugging Face hub: offline, unreachable, or reachable --------------------------------------------------
+
+CLOSED_PORT = "http://127.0.0.1:9"  # the discard port: refused at once, and nothing leaves the machine
+NO_OFFLINE_MODE = {"HF_HUB_OFFLINE": None, "HF_DATASETS_OFFLINE": None, "TRANSFORMERS_OFFLINE": None}
+# How a machine meets a hub it can't use: offline mode set (as the test suite and the offline profile do),
+# or offline mode off and the hub's address not answering. Each: environment changes, the reason given.
+NO_HUB = {
+    "offline-mode": ({**NO_OFFLINE_MODE, "HF_HUB_OFFLINE": "1"}, "offline mode is set (HF_HUB_OFFLINE=1)"),
+    "hub-unreachable": ({**NO_OFFLINE_MODE, "HF_ENDPOINT": CLOSED_PORT}, f"the hub is unreachable at {CLOSED_PORT}"),
+}
+
+
+def hf_home(folder: Path) -> dict[str, str]:
+    """Hugging Face caches under `folder`, so that what this machine has downloaded plays no part."""
+    return {"HF_HOME": str(folder), "HF_HUB_CACHE": str(folder / "hub"), "HF_DATASETS_CACHE": str(folder / "datasets")}
+
+
+def cache_as_download(model: Path, repo_id: str, hub_cache: Path) -> None:
+    """Put a saved model folder into the hub cache the way a download of `repo_id` at `main` leaves it."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    snapshot_dir = repo / "snapshots" / commit
+    snapshot_dir.mkdir(parents=True)
+    for file in model.iterdir():
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, repo / "blobs" / blob)
+        (snapshot_dir / file.name).symlink_to(Path("..", "..", "blobs", blob))
+
+
+def assert_fixes_work_for_any_command(line: str) -> None:
+    """The advice fits `dvc repro` and `python -m stages.<name>` alike: `-S` only inside a `dvc exp run` command."""
+    assert "in params.yaml" in line and "`python -m offline.run`" in line, line
+    commands = re.findall(r"`([^`]*)`", line)
+    assert "-S " not in re.sub(r"`[^`]*`", "", line), line
+    assert [c for c in commands if "-S " in c], line
+    assert all(c.startswith("dvc exp run ") for c in commands if "-S " in c), line
+
+
+def assert_no_retries(stderr: str) -> None:
+    assert "Retrying in" not in stderr and "thrown while requesting" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.parametrize("no_hub", NO_HUB)
+@pytest.mark.parametrize(
+    ("stage", "param", "hub_id", "subject"),
+    [
+        (("stages.prepare",), "data.source", "nobody/no-such-dialogues",
+         "could not load hub dataset 'nobody/no-such-dialogues' at revision 'main' (data.source): "),
+        (("stages.tokenize_mask",), "model.base_model", "nobody/no-such-chat-model",
+         "could not load model.base_model 'nobody/no-such-chat-model' from the Hugging Face hub: "),
+    ],
+    ids=["prepare", "tokenize_mask"],
+)
+def test_uncached_hub_id_without_the_hub_fails_fast_in_one_line(tmp_path, stage, param, hub_id, subject, no_hub):
+    changes, why = NO_HUB[no_hub]
+    root = stage_project(tmp_path / "project")
+    set_params(root, **{param: hub_id})
+    started = time.monotonic()
+    proc = fails_cleanly(root, stage, subject + why, "is not in the local cache", f"-S {param}=path/to/folder",
+                         env={**changes, **hf_home(tmp_path / "hf")})
+    assert time.monotonic() - started < 20  # imports included; it was 25 s (prepare) and 50 s (tokenize_mask)
+    assert_no_retries(proc.stderr)
+    assert_fixes_work_for_any_command(error_line(proc))
+
+
+@pytest.mark.parametrize("no_hub", NO_HUB)
+def test_model_loader_fails_fast_without_the_hub(monkeypatch, no_hub):
+    from huggingface_hub import constants
+
+    from stages.modeling import choose_device, load_base_model, load_tokenizer
+    from stages.params import ModelParams, QuantizationParams
+
+    changes, why = NO_HUB[no_hub]
+    for name, value in changes.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    # huggingface_hub reads these once, when imported: give it what it would have read now.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", no_hub == "offline-mode")
+    monkeypatch.setattr(constants, "ENDPOINT", changes.get("HF_ENDPOINT", constants.ENDPOINT))
+    model = ModelParams(base_model="nobody/no-such-chat-model", tokenizer_type=None)
+    quant = QuantizationParams(use_4bit=False)
+    for load in (lambda: load_tokenizer(model), lambda: load_base_model(model, quant, choose_device(quant))):
+        started = time.monotonic()
+        with pytest.raises(PipelineError) as err:
+            load()
+        assert time.monotonic() - started < 10  # imports on first use included; retrying took 23 s or more
+        message = str(err.value)
+        assert "\n" not in message
+        assert message.startswith("could not load model.base_model 'nobody/no-such-chat-model' from the Hugging Face "
+                                  f"hub: {why}"), message
+        assert "-S model.base_model=path/to/folder" in message
+        assert_fixes_work_for_any_command(message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("no_hub", NO_HUB)
+def test_hub_model_in_the_local_cache_is_used_without_the_hub(tmp_path, no_hub):
+    changes, why = NO_HUB[no_hub]
+    cache_as_download(TINY_MODEL, "someone/tiny-chat", tmp_path / "hf" / "hub")
+    root = stage_project(tmp_path / "project")
+    set_params(root, **{"model.base_model": "someone/tiny-chat"})
+    for stage in (("stages.tokenize_mask",), ("stages.evaluate", "baseline")):
+        proc = run(root, *stage, env={**changes, **hf_home(tmp_path / "hf")})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        said = [line for line in proc.stderr.splitlines()
+                if line.endswith(": looking for model.base_model 'someone/tiny-chat' in the local cache")]
+        assert said and all(why in line for line in said), proc.stderr[-3000:]  # one per tokenizer/model loaded
+        assert_no_retries(proc.stderr)
+    assert json.loads((root / "metrics" / "tokens.json").read_text()) != {"earlier": "tokenize_mask"}
+    assert json.loads((root / "metrics" / "baseline.json").read_text())["examples"] == 2
+
+
+@pytest.fixture
+def local_hub() -> Iterator[Any]:
+    """Start a stand-in for the hub on this machine that answers every request with one status; yields its URL."""
+    servers = []
+
+    def start(status: int) -> str:
+        class Answer(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:  # the name http.server calls
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_hub_check_tells_an_answering_hub_from_a_failing_one(local_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    from stages import hub
+
+    for name in NO_OFFLINE_MODE:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", local_hub(404))
+    assert hub.hub_unavailable() is None  # it answers: ids are looked up there, and a wrong one reported as such
+    failing = local_hub(503)
+    monkeypatch.setattr(constants, "ENDPOINT", failing)
+    assert hub.hub_unavailable() == f"the hub is unreachable at {failing} (HTTP 503)"
+    monkeypatch.setattr(constants, "ENDPOINT", CLOSED_PORT)
+    started = time.monotonic()
+    assert hub.hub_unavailable().startswith(f"the hub is unreachable at {CLOSED_PORT} (ConnectError: ")
+    assert time.monotonic() - started < 5
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert hub.hub_unavailable(hub.DATASET_SWITCHES) == "offline mode is set (HF_DATASETS_OFFLINE=1)"
+
+
+@pytest.mark.parametrize(
+    ("stage", "param", "hub_id", "fragments"),
+    [
+        (("stages.prepare",), "data.source", "nobody/no-such-dialogues",
+         ("could not load hub dataset 'nobody/no-such-dialogues' at revision 'main' (",
+          "data.source is not an existing local path either", "-S data.source=path/to/folder")),
+        (("stages.tokenize_mask",), "model.base_model", "nobody/no-such-chat-model",
+         ("could not load model.base_model 'nobody/no-such-chat-model' from the Hugging Face hub (",
+          "no local folder of that name exists", "check the id and model.revision", "hf auth login")),
+    ],
+    ids=["prepare", "tokenize_mask"],
+)
+def test_unknown_id_on_a_reachable_hub_keeps_its_message(tmp_path, local_hub, stage, param, hub_id, fragments):
+    root = stage_project(tmp_path / "project")
+    set_params(root, **{param: hub_id})
+    env = {**NO_OFFLINE_MODE, **hf_home(tmp_path / "hf"), "HF_ENDPOINT": local_hub(404)}
+    proc = fails_cleanly(root, stage, *fragments, env=env)
+    assert "offline.run" not in error_line(proc)
 
 
 # --- environment ----------------------------------------------------------------------------------------------
