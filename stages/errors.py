@@ -17,9 +17,10 @@ LOG_FILE_PROGRESS_INTERVAL = "30"
 def quiet_libraries() -> None:
     """Silence messages that are about the libraries' internals, not about the run."""
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer on every call
-    # bitsandbytes on CPUs with AVX-512 BF16 looks for an optional hub kernel package (which would fetch code at
-    # run time) and warns when it is absent; its built-in kernel is used instead, which is what we want.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # huggingface_hub and datasets write to stderr through their own handlers and also pass every record up to
+    # the root handler configured above: each message would be printed twice.
+    for name in ("huggingface_hub", "datasets"):
+        logging.getLogger(name).propagate = False
     # peft reads transformers' old name of the checkpointing flag; transformers then warns on every model load.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if not sys.stderr.isatty():
