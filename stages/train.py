@@ -32,6 +32,7 @@ from stages.checkpoints import (
     run_fingerprint,
     train_resuming,
 )
+from stages.curves import curves_callback
 from stages.errors import PipelineError, run_stage
 from stages.files import atomic_dir, write_json
 from stages.microbatch import TokenCappedTrainer, out_of_memory_error
@@ -43,8 +44,8 @@ log = logging.getLogger(__name__)
 
 TOKENIZED = "data/tokenized"
 ADAPTER = "models/adapter"
-CURVES = "metrics/curves"
-METRICS = "metrics/train.json"
+METRICS = "metrics/train.json"  # what runs are compared by
+RUN_FACTS = "metrics/train_run.json"  # the rest: steps, tokens, parameters, device, switches
 
 
 def linear_module_names(model: torch.nn.Module) -> set[str]:
@@ -198,17 +199,13 @@ def build_trainer(
     )
 
 
-def curves_callback(resume: bool) -> list:
-    """transformers' DVCLiveCallback writing to CURVES; dvc.yaml declares the plots (dvcyaml=None keeps
-    dvclive from rewriting dvc.yaml inside a running stage)."""
-    try:
-        from dvclive import Live
-    except ImportError:  # a bare environment (e.g. a GPU box running the stage modules directly)
-        log.warning("dvclive is not installed: no training curves in %s", CURVES)
-        return []
-    from transformers.integrations import DVCLiveCallback
-
-    return [DVCLiveCallback(live=Live(CURVES, dvcyaml=None, save_dvc_exp=False, resume=resume, report=None))]
+def final_eval_loss(trainer: TokenCappedTrainer) -> float:
+    """The validation loss of the trained adapter: the one logged at the last step if there is one (evaluating
+    again would only draw that point twice), else a new evaluation."""
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
 
 
 def file_mb(path: str | Path) -> float:
@@ -241,7 +238,7 @@ def main() -> None:
     try:
         result, tokens = train_resuming(trainer, resume_from)
         runtime = time.perf_counter() - start
-        eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
+        eval_loss = final_eval_loss(trainer) if has_eval else None
     except torch.OutOfMemoryError as err:
         raise out_of_memory_error(err, trainer, params.training) from None
     for callback in callbacks:
@@ -252,23 +249,29 @@ def main() -> None:
         tokenizer.save_pretrained(tmp)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     resumed_step = checkpoint_step(resume_from) if resume_from else 0
+    # Short names: `dvc exp show` opens with these columns, and a terminal is 160 characters wide.
     write_json(
         METRICS,
         {
             "train_loss": round(losses[-1], 4) if losses else None,
-            "train_loss_mean": round(result.training_loss, 4),
             "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
+            "tokens_per_s": round(tokens / runtime, 1),
+            "peak_memory_gib": round(peak_memory_gib(), 3),
+            "runtime_s": round(runtime, 2),
+        },
+    )
+    write_json(
+        RUN_FACTS,
+        {
+            "train_loss_mean": round(result.training_loss, 4),
             "steps": trainer.state.global_step,
             "epochs": round(trainer.state.epoch or 0, 3),
             "resumed_from_step": resumed_step,
-            "runtime_s": round(runtime, 2),
             "train_tokens": int(tokens),
-            "train_tokens_per_second": round(tokens / runtime, 1),
             "trainable_params": trainable,
             "total_params": total,
             "trainable_percent": round(100 * trainable / total, 4),
             "adapter_mb": round(file_mb(Path(ADAPTER) / "adapter_model.safetensors"), 3),
-            "peak_memory_gib": round(peak_memory_gib(), 3),
             **policy.describe(),
             "quantized": params.quantization.use_4bit,
             "optim": policy.optim,

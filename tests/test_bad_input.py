@@ -36,6 +36,7 @@ EARLIER_OUTPUTS = {
     "metrics/data.json": '{"earlier": "prepare"}\n',
     "metrics/tokens.json": '{"earlier": "tokenize_mask"}\n',
     "metrics/train.json": '{"earlier": "train"}\n',
+    "metrics/train_run.json": '{"earlier": "train"}\n',
     "metrics/baseline.json": '{"earlier": "evaluate_baseline"}\n',
     "metrics/adapter.json": '{"earlier": "evaluate_adapter"}\n',
     "data/predictions/baseline.jsonl": '{"id": "earlier"}\n',

@@ -20,7 +20,9 @@ TRAIN = {"max_steps": 24, "save_steps": 8, "eval_steps": 8, "logging_steps": 4}
 
 
 def train_metrics(repo: Path) -> dict:
-    return json.loads((repo / "metrics/train.json").read_text())
+    """The train stage's metrics and the facts of its run (steps, the step it resumed from)."""
+    return {**json.loads((repo / "metrics/train.json").read_text()),
+            **json.loads((repo / "metrics/train_run.json").read_text())}
 
 
 def test_killed_training_resumes_under_dvc_and_matches_an_uninterrupted_run(tmp_path):

@@ -17,6 +17,12 @@ from stages.train import check_target_modules, checkpointing_on
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+def train_figures(root) -> dict:
+    """Everything the train stage reported: the metrics (train.json) and the run's facts (train_run.json)."""
+    return {**json.loads((root / "metrics/train.json").read_text()),
+            **json.loads((root / "metrics/train_run.json").read_text())}
+
 def test_unknown_target_modules_list_the_ones_the_model_has():
     from transformers import AutoModelForCausalLM
 
@@ -102,7 +108,7 @@ def tokenized_project(root: Path, **training) -> dict:
 def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     params = tokenized_project(tmp_path)
     run_stage(tmp_path, "stages.train")
-    whole = json.loads((tmp_path / "metrics/train.json").read_text())
+    whole = train_figures(tmp_path)
     assert whole["steps"] == 6 and whole["resumed_from_step"] == 0
     # The offline profile: padded batches under SDPA, the 4-bit base unpacked, nothing compiled on CPU.
     assert (whole["attention"], whole["dequantized"], whole["compiled"], whole["upcast_frozen"]) == (
@@ -116,7 +122,7 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     shutil.rmtree(tmp_path / "models/checkpoints/checkpoint-6")
     shutil.rmtree(tmp_path / "models/adapter")
     run_stage(tmp_path, "stages.train")
-    resumed = json.loads((tmp_path / "metrics/train.json").read_text())
+    resumed = train_figures(tmp_path)
     assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6
     history = json.loads((tmp_path / "models/checkpoints/checkpoint-6/trainer_state.json").read_text())["log_history"]
     resumed_losses = [e["loss"] for e in history if "loss" in e]
@@ -127,7 +133,7 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     # Another seed is another run: it starts clean (its checkpoints are not ours) and learns differently.
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "seed": 7}))
     run_stage(tmp_path, "stages.train")
-    other = json.loads((tmp_path / "metrics/train.json").read_text())
+    other = train_figures(tmp_path)
     assert other["resumed_from_step"] == 0 and other["steps"] == 6
     assert other["train_loss"] != pytest.approx(whole["train_loss"], rel=1e-4)
 
@@ -149,7 +155,7 @@ def test_out_of_memory_stops_with_one_line_and_a_lower_cap_resumes_the_run(tmp_p
     params["lora"]["lora_dropout"] = 0.0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     run_stage(tmp_path, "stages.train")
-    whole = json.loads((tmp_path / "metrics/train.json").read_text())
+    whole = train_figures(tmp_path)
     assert (whole["steps"], whole["micro_batches"], whole["max_tokens_per_micro_batch"]) == (6, 6, 1024)
     shutil.rmtree(tmp_path / "models/adapter")
     (tmp_path / "metrics/train.json").unlink()
@@ -183,7 +189,7 @@ def test_out_of_memory_stops_with_one_line_and_a_lower_cap_resumes_the_run(tmp_p
     params["training"]["max_tokens_per_micro_batch"] = 256
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     run_stage(tmp_path, "stages.train")
-    resumed = json.loads((tmp_path / "metrics/train.json").read_text())
+    resumed = train_figures(tmp_path)
     assert (resumed["resumed_from_step"], resumed["steps"], resumed["max_tokens_per_micro_batch"]) == (4, 6, 256)
     assert resumed["micro_batches"] >= 4
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
