@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark suite on CPU: the length model, the random Llama, and both benchmarks in --tiny form."""
+"""Smoke tests of the benchmark suite on CPU: the length model, the random Llama, the SAMSum-size dataset, and the
+benchmarks in --tiny form."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks import bench_eval, bench_train, check_packed
+from benchmarks import bench_eval, bench_loop, bench_train, check_packed
 from benchmarks.lengths import IGNORE_INDEX, SAMSUM, examples_for, ordinary_token_ids, prompts_of, sample_lengths
 from benchmarks.llama_shaped import build_llama_1b_shaped, default_tokenizer_dir
+from benchmarks.samsum_size import build_splits, template_lengths
 from conftest import TINY_MODEL
+from stages.params import PromptParams
 
 HEADER_KEYS = {"benchmark", "date", "device", "versions", "peak_memory", "config", "results"}
 
@@ -134,3 +137,59 @@ def test_check_packed_compares_packed_and_padded_against_float32(tmp_path, capsy
     out = capsys.readouterr().out
     assert "cpu (one SDPA per example), 4 examples" in out
     assert "padded float32" in out and "packed" in out and out.rstrip().endswith("OK")
+
+
+def test_samsum_size_rows_have_samsum_lengths_through_the_template(bench_tokenizer: Path):
+    tokenizer = AutoTokenizer.from_pretrained(str(bench_tokenizer))
+    prompt = PromptParams()
+    sizes = {"train": 600, "validation": 3, "test": 3}
+    splits = build_splits(tokenizer, prompt.instruction, prompt.date_string, sizes, seed=1)
+    assert {split: len(rows) for split, rows in splits.items()} == sizes
+    assert splits == build_splits(tokenizer, prompt.instruction, prompt.date_string, sizes, seed=1)
+    rows = splits["train"]
+    assert len({r["id"] for r in rows}) == len({r["dialogue"] for r in rows}) == 600
+    assert all(r["dialogue"].strip() and r["summary"].strip() and ": " in r["dialogue"] for r in rows)
+    stats = template_lengths(tokenizer, rows, prompt.instruction, prompt.date_string)
+    assert 198 <= stats["length_mean"] <= 228  # SAMSum's 214 (213 once clipped at 512), as benchmarks.lengths
+    assert 80 <= stats["length_sd"] <= 120 and stats["length_min"] >= 40 and stats["length_max"] <= 540
+    assert 0.12 <= stats["summary_token_fraction"] <= 0.19
+
+
+def test_queue_workers_follow_the_memory_rule(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(bench_loop.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(bench_loop.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_loop.torch.cuda, "mem_get_info", lambda: (100 * 2**30, 140 * 2**30))
+    # a run: 7.6 GiB x 1.25 + 1 GiB = 10.5 GiB; 100 GiB hold 9 of them, but 16 cores feed at most 8
+    assert bench_loop.default_jobs(7.6, 9)[0] == 8
+    assert bench_loop.default_jobs(7.6, 4)[0] == 4
+    monkeypatch.setattr(bench_loop.torch.cuda, "mem_get_info", lambda: (30 * 2**30, 140 * 2**30))
+    jobs, rule = bench_loop.default_jobs(7.6, 9)
+    assert jobs == 2 and "30.0 GiB free" in rule
+    monkeypatch.setattr(bench_loop.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench_loop.os, "cpu_count", lambda: 2)
+    assert bench_loop.default_jobs(None, 9)[0] == 1
+    assert bench_loop.grid_size(bench_loop.GRID) == 9
+
+
+@pytest.mark.slow
+def test_bench_loop_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two queued runs share the runner's cores
+    out = bench_loop.main(["--tiny", "--parts", "job,rerun,sweep", "--grid", "lora.r=4,16", "--jobs", "2",
+                           "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+                           "--model-dir", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data")])
+    report = _read_report(tmp_path / "out", "loop")
+    assert report["failed"] == [] and report["results"].keys() == {"job", "rerun", "sweep"}
+    assert report["source"]["commit"] and report["tools"]["dvc"] and report == json.loads(json.dumps(out))
+    job, rerun, sweep = (report["results"][part] for part in ("job", "rerun", "sweep"))
+    assert sorted(job["ran"]) == sorted(bench_loop.MODULES) and job["skipped"] == []
+    for row in job["stages"]:  # DVC's time for a stage holds its process, which the timer hook measured
+        assert row["process_s"] > 0 and row["wall_s"] >= row["process_s"] - 0.2, row
+    assert sum(row["wall_s"] for row in job["stages"]) <= job["wall_s"]
+    train = next(row for row in job["stages"] if row["stage"] == "train")
+    assert train["steps"] == 4 and 0 < train["work_s"] < train["process_s"]
+    assert job["tokens"]["train"]["examples"] == 96
+    assert rerun["ran"] == ["train", "evaluate_adapter", "compare"]
+    assert sorted(rerun["skipped"]) == ["evaluate_baseline", "prepare", "tokenize_mask"]
+    assert sweep["experiments_expected"] == 2 and sweep["all_listed_with_metrics"] and sweep["jobs"] == 2
+    assert sorted(e["lora.r"] for e in sweep["experiments"]) == [4, 16]
+    assert set(sweep["queue_status"].values()) == {"Success"} and len(sweep["train_processes"]) == 2
