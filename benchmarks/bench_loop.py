@@ -63,9 +63,9 @@ TINY_PARAMS = {  # a few CPU seconds per stage: the loop is what is measured, no
                  "per_device_eval_batch_size": 16},
     "eval": {"max_samples": 8, "max_new_tokens": 8, "batch_size": 8},
 }
-# -j memory rule: a run needs its train peak (metrics/train.json) times HEADROOM plus CONTEXT_GIB. The
-# headroom covers the evaluate stage (batch 128, unpacked base: ~12 % over training's peak on the 1B model,
-# see README) and the allocator's fragmentation; each process also holds a CUDA context and cached blocks.
+# -j memory rule: a run needs the largest peak of the job's stages (each stage process's
+# torch.cuda.max_memory_allocated, from the stage timer; else train.json's peak) times HEADROOM, for the
+# allocator's fragmentation and steps longer than the job's, plus CONTEXT_GIB for each process's CUDA context.
 HEADROOM = 1.25
 CONTEXT_GIB = 1.0
 CORES_PER_RUN = 2  # a run keeps one core busy feeding its GPU, compiling takes more: at most cores / 2 runs
@@ -163,11 +163,13 @@ def stage_rows(run: DvcRun, timings: list[dict[str, Any]], project: Path) -> lis
         process = record["end"] - record["start"] if record else None
         row: dict[str, Any] = {"stage": stage, "wall_s": round(end - start, 2),
                                "process_s": round(process, 2) if process is not None else None,
-                               "dvc_s": round(end - start - process, 2) if process is not None else None}
+                               "dvc_s": round(end - start - process, 2) if process is not None else None,
+                               "peak_gpu_gib": (record or {}).get("peak_gpu_gib")}
         if stage == "train":  # the run's facts moved from train.json to train_run.json: read either
             train = {**read_json(project / "metrics/train_run.json"), **read_json(project / "metrics/train.json")}
             row.update({"work_s": train.get("runtime_s"), "compile_s": compile_seconds(record),
-                        "compile_phases": (record or {}).get("compile"), "steps": train.get("steps"),
+                        "compile_phases": (record or {}).get("compile"),
+                        "compile_counters": (record or {}).get("compile_counters"), "steps": train.get("steps"),
                         "tokens_per_second": train.get("tokens_per_s", train.get("train_tokens_per_second")),
                         "peak_memory_gib": train.get("peak_memory_gib"), "train_loss": train.get("train_loss")})
         elif stage.startswith("evaluate_"):
@@ -201,18 +203,24 @@ def grid_size(grid: list[str]) -> int:
     return math.prod(len(spec.partition("=")[2].split(",")) for spec in grid)
 
 
-def default_jobs(train_peak_gib: float | None, experiments: int) -> tuple[int, str]:
+def default_jobs(peak_gib: float | None, experiments: int) -> tuple[int, str]:
     """How many queue workers (`dvc queue start -j N`): as many runs as fit in free GPU memory, capped."""
     cores = os.cpu_count() or 1
     cap = max(1, min(experiments, cores // CORES_PER_RUN))
-    if not torch.cuda.is_available() or not train_peak_gib:
+    if not torch.cuda.is_available() or not peak_gib:
         return cap, f"no GPU reading: one worker per {CORES_PER_RUN} cores ({cores}), at most {experiments}"
     free = torch.cuda.mem_get_info()[0] / 2**30
-    per_run = train_peak_gib * HEADROOM + CONTEXT_GIB
+    per_run = peak_gib * HEADROOM + CONTEXT_GIB
     fits = max(1, math.floor(free / per_run))
-    return min(fits, cap), (f"floor({free:.1f} GiB free / ({train_peak_gib:.2f} GiB train peak x {HEADROOM} + "
+    return min(fits, cap), (f"floor({free:.1f} GiB free / ({peak_gib:.2f} GiB stage peak x {HEADROOM} + "
                             f"{CONTEXT_GIB} GiB)) = {fits}, capped at {cap} (experiments; {cores} cores / "
                             f"{CORES_PER_RUN})")
+
+
+def run_peak_gib(job: dict[str, Any] | None, project: Path) -> float | None:
+    """The largest GPU peak of the job's stages, or train.json's when the stage timer saw none."""
+    peaks = [row["peak_gpu_gib"] for row in (job or {}).get("stages", []) if row.get("peak_gpu_gib")]
+    return max(peaks) if peaks else read_json(project / "metrics/train.json").get("peak_memory_gib")
 
 
 def start_queue(project: Path, env: dict[str, str], jobs: int, log_file: Path) -> None:
@@ -278,7 +286,7 @@ def rouge_l(metrics: dict[str, dict[str, Any]]) -> float | None:
     return compared.get("tuned") if isinstance(compared, dict) else None
 
 
-def run_sweep(project: Path, env: dict[str, str], grid: list[str], jobs: int | None, train_peak: float | None,
+def run_sweep(project: Path, env: dict[str, str], grid: list[str], jobs: int | None, peak: float | None,
               log_file: Path, timeout: float) -> dict[str, Any]:
     queued = timed_dvc(project, ["exp", "run", "--queue", *[a for spec in grid for a in ("-S", spec)]], env, log_file)
     if queued.returncode:
@@ -287,7 +295,7 @@ def run_sweep(project: Path, env: dict[str, str], grid: list[str], jobs: int | N
     expected = grid_size(grid)
     rule = "given with --jobs"
     if jobs is None:
-        jobs, rule = default_jobs(train_peak, expected)
+        jobs, rule = default_jobs(peak, expected)
     log.info("sweep: %d experiments, %d workers (%s)", expected, jobs, rule)
     started = time.time()
     start_queue(project, env, jobs, log_file)
@@ -360,7 +368,7 @@ def print_part(name: str, result: dict[str, Any]) -> None:
     print(f"\n{name}: {result['command']}  ({result['wall_s']:.1f} s)")
     if "stages" in result:
         columns = [("stage", "stage"), ("wall s", "wall_s"), ("process s", "process_s"), ("DVC s", "dvc_s"),
-                   ("work s", "work_s"), ("compile s", "compile_s")]
+                   ("work s", "work_s"), ("compile s", "compile_s"), ("GPU peak GiB", "peak_gpu_gib")]
         total = {"stage": "whole command", "wall_s": result["wall_s"]}
         print(report.table(columns, result["stages"] + [total]))
         if result["skipped"]:
@@ -428,9 +436,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                     result = part_result(timed_dvc(project, retrain, env, logs / "retrain.log"), timings, project)
                     restore_workspace(project, env)
                 else:
-                    peak = read_json(project / "metrics/train.json").get("peak_memory_gib")
+                    peak = run_peak_gib(out["results"].get("job"), project)
                     result = run_sweep(project, env, args.grid, args.jobs, peak, logs / "sweep.log",
                                        args.sweep_timeout)
+            except KeyboardInterrupt:  # e.g. a time limit: the file must say this part did not finish
+                out["failed"].append({"part": part, "error": "interrupted"})
+                raise
             except Exception as err:  # keep what the other parts measured
                 log.exception("part %s failed", part)
                 out["failed"].append({"part": part, "error": f"{type(err).__name__}: {err}"[:3000]})

@@ -165,6 +165,9 @@ def test_queue_workers_follow_the_memory_rule(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(bench_loop.torch.cuda, "mem_get_info", lambda: (30 * 2**30, 140 * 2**30))
     jobs, rule = bench_loop.default_jobs(7.6, 9)
     assert jobs == 2 and "30.0 GiB free" in rule
+    job = {"stages": [{"stage": "train", "peak_gpu_gib": 5.8}, {"stage": "evaluate_adapter", "peak_gpu_gib": 8.5},
+                      {"stage": "prepare", "peak_gpu_gib": None}]}
+    assert bench_loop.run_peak_gib(job, Path("nowhere")) == 8.5  # the largest stage, not just train
     monkeypatch.setattr(bench_loop.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(bench_loop.os, "cpu_count", lambda: 2)
     assert bench_loop.default_jobs(None, 9)[0] == 1

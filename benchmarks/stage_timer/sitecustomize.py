@@ -3,9 +3,11 @@
 When SAMSUM_BENCH_TIMINGS names a file, every Python process started with this folder on its path (each
 stage DVC runs, and dvc itself) appends one JSON line to it when it exits: its command line, working
 directory, start and end (Unix time: the start is when the interpreter reached this file, before any import),
-and, when it used torch.compile, the seconds torch's own counters say it spent compiling (forward graphs,
-backward graphs, and the inductor/Triton part of both). Nothing is imported until the process exits, and no
-behaviour changes; without the variable the file does nothing.
+its peak allocated GPU memory if it used CUDA, and, when it used torch.compile, the seconds torch's own
+counters say it spent compiling (forward graphs, backward graphs, and the inductor/Triton part of both), how
+many graphs it compiled and its compile caches' hits and misses. Nothing is imported until the process exits,
+and no behaviour changes; without the variable the file does nothing. A sitecustomize further down the path
+(e.g. the distribution's) still runs.
 """
 
 import atexit
@@ -28,10 +30,32 @@ def _compile_seconds():
     return {key: round(value, 3) for key, value in spent.items()}
 
 
+def _gpu_peak_gib():
+    """The process's peak allocated GPU memory, if it used CUDA (torch.cuda.max_memory_allocated)."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    except Exception:
+        pass
+    return None
+
+
+def _compile_counters():
+    """How many graphs were compiled, and the compile caches' hits and misses (torch._dynamo's counters)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    counters = getattr(utils, "counters", None)
+    if not counters or not counters.get("stats"):
+        return None
+    kept = ("stats", "frames", "recompiles", "graph_break", "aot_autograd", "inductor")
+    return {key: {str(k): v for k, v in counters[key].items()} for key in kept if counters.get(key)}
+
+
 def _record():
     try:
         line = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "pid": os.getpid(), "start": _START,
-                           "end": time.time(), "compile": _compile_seconds()})
+                           "end": time.time(), "peak_gpu_gib": _gpu_peak_gib(), "compile": _compile_seconds(),
+                           "compile_counters": _compile_counters()})
         with open(_PATH, "a", encoding="utf-8") as out:  # one short append per process: lines don't interleave
             out.write(line + "\n")
     except Exception:  # timing must never change how a stage ends
