@@ -1,17 +1,21 @@
-"""Run the pipeline on the offline profile: bundled data, tiny local model, no network, a few CPU minutes.
+"""Switch the workspace to the offline profile and run the pipeline on it, through `dvc exp run`.
 
-    python -m offline.run                 # dvc repro with offline/params.yaml laid over params.yaml
-    python -m offline.run exp run -n tiny # any dvc command and its arguments
+    python -m offline.run                   # the whole pipeline on the offline profile, as a DVC experiment
+    python -m offline.run -n tiny           # further options go to `dvc exp run` (a name, more -S, ...)
 
-params.yaml is restored when the command ends, however it ends (a copy waits in .params.yaml.offline
-until then, and is put back on the next start if the process was killed outright).
+The profile's values (offline/params.yaml) are set in params.yaml with `dvc exp run -S`, so what DVC records
+is true: params.yaml, dvc.lock and the metrics agree, `dvc status` is clean afterwards, and the experiment
+commands of the README work unchanged on the profile. `git checkout params.yaml` returns to the default job;
+a params.yaml that held other values is first copied to .params.yaml.before-offline.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +26,10 @@ import yaml
 from stages.errors import PipelineError, run_stage
 from stages.params import PARAMS_FILE, parse_params
 
+log = logging.getLogger("offline.run")
+
 OVERRIDES = Path(__file__).with_name("params.yaml")
-BACKUP = Path(".params.yaml.offline")
+BACKUP = Path(".params.yaml.before-offline")
 
 
 def merge(base: dict, overrides: dict) -> dict:
@@ -40,35 +46,60 @@ def offline_params(params_text: str, overrides_text: str) -> dict[str, Any]:
     return merged
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": value} for every value that is not a section."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def set_flags(overrides: dict) -> list[str]:
+    """`-S key=value` arguments for `dvc exp run`, values written so that DVC's YAML parser reads them back."""
+    flags = []
+    for key, value in leaves(overrides).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        flags += ["-S", f"{key}={text}"]
+    return flags
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m offline.run",
+        description="Run the pipeline on the offline profile: the bundled synthetic dialogues (data/samples) and "
+        "the tiny local Llama-architecture model (offline/tiny-llama), on CPU in a few minutes, with no network. "
+        "The profile's values (offline/params.yaml) are set in params.yaml through `dvc exp run -S`, so the "
+        "params DVC records are the ones that produced the results; `git checkout params.yaml` returns to the "
+        "default job.",
+        epilog="Any other arguments are passed to `dvc exp run`, e.g. `-n tiny` to name the experiment or "
+        "`-S lora.r=16` to change a value on top of the profile.",
+    )
+    return parser.parse_known_args(argv)
 
 
 def main() -> None:
+    _, dvc_args = parse_args(sys.argv[1:])
     params = Path(PARAMS_FILE)
-    if BACKUP.exists():  # an earlier run was killed before it could restore params.yaml
-        shutil.copyfile(BACKUP, params)
-        BACKUP.unlink()
     if not params.is_file():
-        raise PipelineError(f"{PARAMS_FILE} not found: run from the project root")
+        raise PipelineError(f"{PARAMS_FILE} not found: run `python -m offline.run` from the project root")
     original = params.read_text(encoding="utf-8")
-    merged = offline_params(original, OVERRIDES.read_text(encoding="utf-8"))
-    args = sys.argv[1:] or ["repro"]
+    overrides = yaml.safe_load(OVERRIDES.read_text(encoding="utf-8")) or {}
+    offline_params(original, OVERRIDES.read_text(encoding="utf-8"))  # a bad value fails here, before DVC runs
+    current = leaves(yaml.safe_load(original) or {})
+    changed = {key: value for key, value in leaves(overrides).items() if current.get(key) != value}
+    if changed:
+        shutil.copyfile(params, BACKUP)
+        log.info("setting %d values of the offline profile in %s (its previous content is in %s)", len(changed),
+                 PARAMS_FILE, BACKUP)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    shutil.copyfile(params, BACKUP)
-    try:
-        params.write_text(
-            "# Written by offline.run for this run only; the original is restored when it ends.\n"
-            + yaml.safe_dump(merged, sort_keys=False, allow_unicode=True),
-            encoding="utf-8",
-        )
-        code = subprocess.call(["dvc", *args], env=env)
-    finally:
-        params.write_text(original, encoding="utf-8")
-        BACKUP.unlink(missing_ok=True)
+    code = subprocess.call(["dvc", "exp", "run", *set_flags(overrides), *dvc_args], env=env)
     if code:
         sys.exit(code)
+    log.info("%s holds the offline profile: `dvc exp run -S key=value` runs experiments on it; "
+             "`git checkout %s` returns to the default job", PARAMS_FILE, PARAMS_FILE)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import git, make_project, offline_params, run_dvc
+from conftest import ROOT, dvc_env, git, make_project, offline_params, run_dvc
 
 pytestmark = pytest.mark.slow
 STAGES = ["prepare", "tokenize_mask", "train", "evaluate_baseline", "evaluate_adapter", "compare"]
@@ -73,26 +75,54 @@ def test_samsum_style_folder_without_ids_flows_through_the_data_stages(tmp_path)
     assert read_json(repo / "metrics/tokens.json")["validation"]["examples"] == 12
 
 
-def test_offline_pipeline_end_to_end(tmp_path):
-    repo = make_project(tmp_path / "repo", offline_params())
+def offline_run(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m offline.run` in a project copy, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "offline.run", *args], cwd=repo, env=dvc_env(repo),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
-    first = run_dvc(repo, "exp", "run")
+
+KEY_METRICS = ["train_loss", "eval_loss", "tokens_per_s", "peak_memory_gib", "runtime_s", "rougeL.base",
+               "rougeL.tuned", "rougeL.gain"]
+
+
+def test_offline_pipeline_end_to_end(tmp_path):
+    default_params = (ROOT / "params.yaml").read_text()
+    repo = make_project(tmp_path / "repo", yaml.safe_load(default_params))
+    (repo / "params.yaml").write_text(default_params)  # the committed file, comments included
+    commit_all(repo, "default params")
+
+    first = offline_run(repo, "-n", "offline")  # as the README's offline section says
     assert sorted(ran(first.stdout)) == sorted(STAGES)
+    # What DVC records is true: params.yaml holds the profile that produced the outputs, nothing is stale.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["model"]["base_model"] == "offline/tiny-llama" and params["data"]["source"] == "data/samples"
+    assert params["lora"]["target_modules"] == offline_params()["lora"]["target_modules"]
+    assert "# seeds sampling, LoRA initialisation" in (repo / "params.yaml").read_text()  # edited in place
+    assert (repo / ".params.yaml.before-offline").read_text() == default_params
+    assert "up to date" in run_dvc(repo, "status").stdout
+    for line in ("error", "is_gradient_checkpointing", "kernels-community"):
+        assert line not in first.stderr.lower().replace("hf_hub", ""), line
+
     baseline = read_json(repo / "metrics/baseline.json")
     adapter = read_json(repo / "metrics/adapter.json")
     for key in ROUGE:  # the fine-tune must clearly beat the untuned base on every metric
         assert adapter[key] > baseline[key] + 0.1, (key, baseline[key], adapter[key])
-    train = read_json(repo / "metrics/train.json")
+    gain = round(adapter["rougeL"] - baseline["rougeL"], 6)
+    assert read_json(repo / "metrics/compare.json")["rougeL"] == {"base": baseline["rougeL"],
+                                                                  "tuned": adapter["rougeL"], "gain": gain}
+    train = read_json(repo / "metrics/train_run.json")
     assert train["quantized"] is True and train["device"] == "cpu" and train["steps"] == 200
     assert (repo / "models/adapter/adapter_model.safetensors").is_file()
     assert "| metric | baseline | fine-tuned | change |" in (repo / "metrics/compare.md").read_text()
-    commit_all(repo, "offline run")
 
     again = run_dvc(repo, "repro")
     assert ran(again.stdout) == [] and sorted(skipped(again.stdout)) == sorted(STAGES)
 
     # Determinism: forced re-runs with the same seed reproduce every loss, prediction and score exactly.
     predictions = (repo / "data/predictions/adapter.jsonl").read_bytes()
+    losses = read_json(repo / "metrics/train.json")
     forced = run_dvc(repo, "repro", "--force", "--single-item", "train", "evaluate_baseline", "evaluate_adapter")
     assert sorted(ran(forced.stdout)) == ["evaluate_adapter", "evaluate_baseline", "train"]
     assert (repo / "data/predictions/adapter.jsonl").read_bytes() == predictions
@@ -100,22 +130,36 @@ def test_offline_pipeline_end_to_end(tmp_path):
         after = read_json(repo / f"metrics/{name}.json")
         assert {k: after[k] for k in ROUGE} == {k: before[k] for k in ROUGE}
     retrained = read_json(repo / "metrics/train.json")
-    assert (retrained["train_loss"], retrained["eval_loss"]) == (train["train_loss"], train["eval_loss"])
+    assert (retrained["train_loss"], retrained["eval_loss"]) == (losses["train_loss"], losses["eval_loss"])
 
-    r16 = run_dvc(repo, "exp", "run", "-S", "lora.r=16")
+    # The README's experiment commands work as written on the profile: no wrapper, no network settings.
+    r16 = run_dvc(repo, "exp", "run", "-S", "lora.r=16", env={**dvc_env(repo), "HF_HUB_OFFLINE": "0"})
     assert ran(r16.stdout) == ["train", "evaluate_adapter", "compare"]
     assert sorted(skipped(r16.stdout)) == ["evaluate_baseline", "prepare", "tokenize_mask"]
     assert read_json(repo / "models/adapter/adapter_config.json")["r"] == 16
 
-    diff = json.loads(run_dvc(repo, "metrics", "diff", "--all", "--json").stdout)
-    for which in ("baseline", "adapter"):
-        assert set(ROUGE) <= set(diff[f"metrics/{which}.json"])
-    assert diff["metrics/baseline.json"]["rouge1"]["diff"] == 0
-    assert diff["metrics/train.json"]["trainable_params"]["diff"] > 0
+    # The first diff of a fresh clone: against the offline run, by its name.
+    diff = json.loads(run_dvc(repo, "metrics", "diff", "offline", "--all", "--json").stdout)
+    assert sorted(diff) == ["metrics/compare.json", "metrics/train.json"]  # statistics are not metrics
+    assert diff["metrics/compare.json"]["rougeL.base"]["diff"] == 0
+    assert diff["metrics/compare.json"]["rougeL.tuned"]["diff"] != 0
+    assert set(diff["metrics/train.json"]) == {"train_loss", "eval_loss", "tokens_per_s", "peak_memory_gib",
+                                               "runtime_s"}
 
-    shown = run_dvc(repo, "exp", "show", "--csv").stdout
-    header = shown.splitlines()[0].split(",")
-    assert "lora.r" in header and "rougeL" in ",".join(header) and "train_loss" in header
+    # In a terminal, `dvc exp show` pages the table at its full width; the first 160 columns (what a normal
+    # terminal shows before scrolling) hold every key metric, unabridged. `--only-changed` keeps the params that
+    # differ (lora.r; the profile's values too, as the commit holds the default job's) and drops the others.
+    for flags in ([], ["--only-changed"]):
+        table = run_dvc(repo, "exp", "show", *flags).stdout.splitlines()
+        screen = [line[:160] for line in table]
+        header = next(line for line in screen if "Experiment" in line).split()
+        assert header[:len(KEY_METRICS) + 2] == ["Experiment", "Created", *KEY_METRICS], header
+        workspace = next(line for line in screen if line.split()[:1] == ["workspace"]).split()
+        visible = workspace[:len(KEY_METRICS) + 2]
+        assert len(visible) == len(KEY_METRICS) + 2 and "…" not in visible and "-" not in visible[2:], visible
+    columns = next(line for line in table if "Experiment" in line).split()
+    assert "lora.r" in columns and "model.base_model" in columns
+    assert "quantization.bnb_4bit_quant_type" not in columns and "prompt.date_string" not in columns, columns
 
     plots = run_dvc(repo, "plots", "show", "--json")
     drawn = json.loads(plots.stdout)
@@ -123,6 +167,12 @@ def test_offline_pipeline_end_to_end(tmp_path):
     assert sorted(drawn["data"]) == ["Learning rate", "ROUGE, baseline vs fine-tuned", "Training and validation loss"]
     for plot in drawn["data"].values():
         assert plot[0]["content"]["data"]["values"]
+    # Curves are drawn over optimizer steps, each logged step once.
+    loss = drawn["data"]["Training and validation loss"][0]["content"]["data"]["values"]
+    steps = sorted({int(v["step"]) for v in loss})
+    assert steps[0] == 10 and steps[-1] == 200
+    evals = [int(v["step"]) for v in loss if "eval" in json.dumps(v)]
+    assert len(evals) == len(set(evals)) == 4, evals
 
 
 def test_saved_adapter_reloads_with_plain_peft_and_reproduces_predictions(tmp_path):
