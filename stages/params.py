@@ -72,7 +72,7 @@ class TrainingParams:
     max_steps: int = -1
     per_device_train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    max_tokens_per_micro_batch: int | None = 2560
+    max_tokens_per_micro_batch: int | None = 8192
     learning_rate: float = 2e-4
     lr_scheduler_type: str = "linear"
     warmup_steps: int = 50
