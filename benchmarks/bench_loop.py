@@ -3,7 +3,7 @@
     python -m benchmarks.bench_loop [--parts job,rerun,retrain,sweep] [--jobs N] [--train-rows 14732] [--tiny]
                                     [--out benchmarks/results] [--set training.compile=false ...] [--label baseline]
 
-Everything runs through real DVC commands in a throwaway git+DVC copy of the project (tests/conftest.py's
+Everything runs through real DVC commands in a throwaway git+DVC copy of the project (offline/project.py's
 make_project) on a Llama-3.2-1B-shaped random model with the offline tokenizer (benchmarks/llama_shaped.py)
 and a SAMSum-size dataset of local files (benchmarks/samsum_size.py), with params.yaml's values otherwise:
 
@@ -44,12 +44,11 @@ from benchmarks import report
 from benchmarks.bench_train import parse_overrides
 from benchmarks.llama_shaped import LLAMA_3_2_1B, TINY, benchmark_model
 from benchmarks.samsum_size import SAMSUM_SIZES, dataset_stats, write_dataset
+from offline.project import dvc_env, git, make_project, run_dvc
 from offline.run import merge
 from stages.params import parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import dvc_env, git, make_project, run_dvc  # noqa: E402  (the tests' project copy, reused)
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +336,7 @@ def source_commit() -> dict[str, Any]:
         top = git(ROOT, "rev-parse", "--show-toplevel").strip()
         if Path(top).resolve() == ROOT:
             changed = git(ROOT, "status", "--porcelain", "--", "stages", "offline", "benchmarks", "dvc.yaml",
-                          "params.yaml", "tests/conftest.py").splitlines()
+                          "params.yaml").splitlines()
             return {"commit": git(ROOT, "rev-parse", "HEAD").strip(), "changed_files": changed}
     except (subprocess.CalledProcessError, FileNotFoundError):
         pass

@@ -26,7 +26,6 @@ from stages import attention
 from stages.batching import FlatCollator, PadCollator
 from stages.checkpoints import (
     CHECKPOINTS,
-    RUN_FINGERPRINT,  # noqa: F401  (still imported from here by tests/test_bad_input.py)
     checkpoint_step,
     checkpoint_to_resume,
     run_fingerprint,

@@ -332,8 +332,8 @@ def _tokenize(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _checkpoint_of_this_run(root: Path) -> Path:
     """models/checkpoints/ marked with the fingerprint of the project's params and data, so train resumes it."""
+    from stages.checkpoints import RUN_FINGERPRINT, run_fingerprint
     from stages.params import load_params
-    from stages.train import RUN_FINGERPRINT, run_fingerprint
 
     folder = root / "models" / "checkpoints"
     (folder / "checkpoint-2").mkdir(parents=True)
@@ -378,7 +378,7 @@ def test_checkpoint_with_damaged_weights_says_how_to_start_clean(tmp_path, monke
 
 
 def test_damaged_checkpoint_marker_means_a_clean_start(tmp_path):
-    from stages.train import RUN_FINGERPRINT, checkpoint_to_resume
+    from stages.checkpoints import RUN_FINGERPRINT, checkpoint_to_resume
 
     folder = tmp_path / "checkpoints"
     (folder / "checkpoint-4").mkdir(parents=True)
