@@ -92,14 +92,14 @@ def git_commit() -> str | None:
         return None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--caps", default="null,8192,4096,2560",
                         help="values of training.max_tokens_per_micro_batch to measure, comma-separated")
     parser.add_argument("--checkpointing", action="store_true", help="also measure gradient checkpointing, no cap")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: a CPU smoke test")
     parser.add_argument("--out", default=str(report.RESULTS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     model_dir = benchmark_model(tiny=args.tiny)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks import bench_eval, bench_loop, bench_train, check_packed
+from benchmarks import bench_eval, bench_loop, bench_memory, bench_train, check_packed
 from benchmarks.lengths import IGNORE_INDEX, SAMSUM, examples_for, ordinary_token_ids, prompts_of, sample_lengths
 from benchmarks.llama_shaped import build_llama_1b_shaped, default_tokenizer_dir
 from benchmarks.samsum_size import build_splits, template_lengths
@@ -125,6 +125,20 @@ def test_bench_train_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: Non
     assert tutorial["real_tokens"] == project["real_tokens"]
     assert tutorial["loss_tokens"] == project["loss_tokens"]
     assert tutorial["padding_fraction"] > 0.1  # padding to the longest of 4 uneven examples
+
+
+def test_bench_memory_tiny(tmp_path: Path, one_thread: None):
+    bench_memory.main(["--tiny", "--caps", "null,1024", "--checkpointing", "--out", str(tmp_path)])
+    report = _read_report(tmp_path, "memory")
+    tokens = report["config"]["step_tokens"]
+    assert len(tokens) == 2 * bench_memory.STEPS_PER_KIND
+    assert sum(tokens[bench_memory.STEPS_PER_KIND:]) > 1.2 * sum(tokens[:bench_memory.STEPS_PER_KIND])  # heavy
+    whole, capped, checkpointed = report["results"]
+    assert [r["setting"] for r in report["results"]] == ["cap null", "cap 1024", "checkpointing, no cap"]
+    assert whole["passes_typical"] == whole["passes_heavy"] == checkpointed["passes_heavy"] == 1
+    assert capped["passes_heavy"] > capped["passes_typical"] > 1  # heavier steps are cut into more passes
+    for result in report["results"]:
+        assert result["tokens_per_s_typical"] > 0 and result["tokens_per_s_heavy"] > 0
 
 
 def test_overrides_nest_and_parse_values():
