@@ -22,7 +22,6 @@ is a CPU smoke test of a few minutes.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import math
@@ -330,30 +329,6 @@ def run_sweep(project: Path, env: dict[str, str], grid: list[str], jobs: int | N
     }
 
 
-def source_commit() -> dict[str, Any]:
-    """The commit the benchmarked code comes from, and whether its files differ from it."""
-    try:
-        top = git(ROOT, "rev-parse", "--show-toplevel").strip()
-        if Path(top).resolve() == ROOT:
-            changed = git(ROOT, "status", "--porcelain", "--", "stages", "offline", "benchmarks", "dvc.yaml",
-                          "params.yaml").splitlines()
-            return {"commit": git(ROOT, "rev-parse", "HEAD").strip(), "changed_files": changed}
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        pass
-    marker = ROOT / "COMMIT"  # a `git archive` export carries its commit in this file
-    return {"commit": marker.read_text().strip() if marker.is_file() else None, "changed_files": None}
-
-
-def tool_versions() -> dict[str, str | None]:
-    found = {}
-    for name in TOOLS:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def loop_params(model_dir: Path, data_dir: Path, tiny: bool, overrides: dict[str, Any]) -> dict[str, Any]:
     """params.yaml pointed at the benchmark model and dataset (the tiny settings for --tiny), then `overrides`."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -413,8 +388,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         "params": params, "overrides": overrides, "rerun": RERUN, "grid": args.grid,
         "compile_cache": {"dir": str(compile_cache), "existed_before": compile_cache.exists()},
     })
-    out.update({"source": source_commit(), "tools": tool_versions(), "cpu_cores": os.cpu_count(), "results": {},
-                "failed": []})
+    out.update({"source": report.source_commit(), "tools": report.package_versions(TOOLS),
+                "cpu_cores": os.cpu_count(), "results": {}, "failed": []})
     if torch.cuda.is_available():
         out["gpu_memory_gib"] = round(torch.cuda.mem_get_info()[1] / 2**30, 1)
     path = None

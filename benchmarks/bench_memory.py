@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -84,14 +83,6 @@ def summarize(name: str, rows: list[dict], tokens: list[int]) -> dict:
     return out
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--caps", default="null,8192,4096,2560",
@@ -140,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     out = report.header("memory", {"steps_per_kind": STEPS_PER_KIND, "sequences_per_step": SEQUENCES,
                                    "step_tokens": tokens, "tiny": args.tiny, "compiled": policy.device == "cuda"
                                    and params.training.compile, "base": "bf16 (unquantized, as dequantized NF4)"})
-    out["git_commit"] = git_commit()
+    out["source"] = report.source_commit()
     out["results"] = results
     path = report.write_results(out, args.out, tiny=args.tiny)
     print(report.table([("setting", "setting"), ("peak GiB typical", "peak_gib_typical"),

@@ -99,19 +99,24 @@ def prompts_of(examples: Sequence[dict[str, list[int]]]) -> list[list[int]]:
     return [ex["input_ids"][: sum(label == IGNORE_INDEX for label in ex["labels"])] for ex in examples]
 
 
-def describe(examples: Sequence[dict[str, list[int]]]) -> dict[str, float]:
-    lengths = sorted(len(ex["input_ids"]) for ex in examples)
-    loss_tokens = sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in examples)
+def length_summary(lengths: Sequence[int]) -> dict[str, float]:
+    """Mean, spread, median, 95th percentile and extremes of token lengths."""
+    ordered = sorted(lengths)
     return {
-        "examples": len(lengths),
-        "length_mean": round(statistics.fmean(lengths), 1),
-        "length_sd": round(statistics.pstdev(lengths), 1),
-        "length_p50": lengths[len(lengths) // 2],
-        "length_p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],
-        "length_min": lengths[0],
-        "length_max": lengths[-1],
-        "loss_token_fraction": round(loss_tokens / sum(lengths), 4),
+        "length_mean": round(statistics.fmean(ordered), 1),
+        "length_sd": round(statistics.pstdev(ordered), 1),
+        "length_p50": ordered[len(ordered) // 2],
+        "length_p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "length_min": ordered[0],
+        "length_max": ordered[-1],
     }
+
+
+def describe(examples: Sequence[dict[str, list[int]]]) -> dict[str, float]:
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    loss_tokens = sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in examples)
+    return {"examples": len(lengths), **length_summary(lengths),
+            "loss_token_fraction": round(loss_tokens / sum(lengths), 4)}
 
 
 def main() -> None:

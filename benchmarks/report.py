@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import platform
 import re
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import torch
 
 from stages.modeling import peak_memory_gib  # noqa: F401  (the benchmarks report memory as the stages do)
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
 
 
@@ -37,14 +39,19 @@ def device_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
 
 
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {"python": platform.python_version(), "cuda": torch.version.cuda}
-    for name in LIBRARIES:
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each package (None when it is not installed)."""
+    found: dict[str, str | None] = {}
+    for name in names:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+def versions() -> dict[str, str | None]:
+    return {"python": platform.python_version(), "cuda": torch.version.cuda, **package_versions(LIBRARIES)}
 
 
 def memory_kind() -> str:
@@ -109,3 +116,21 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def source_commit() -> dict[str, Any]:
+    """The commit the benchmarked code comes from, and whether its files differ from it."""
+    try:
+        top = _git("rev-parse", "--show-toplevel").strip()
+        if Path(top).resolve() == ROOT:
+            changed = _git("status", "--porcelain", "--", "stages", "offline", "benchmarks", "dvc.yaml",
+                           "params.yaml").splitlines()
+            return {"commit": _git("rev-parse", "HEAD").strip(), "changed_files": changed}
+    except (subprocess.CalledProcessError, OSError):
+        pass
+    marker = ROOT / "COMMIT"  # a `git archive` export carries its commit in this file
+    return {"commit": marker.read_text().strip() if marker.is_file() else None, "changed_files": None}

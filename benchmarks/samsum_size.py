@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from benchmarks.lengths import SAMSUM, sample_lengths
+from benchmarks.lengths import SAMSUM, length_summary, sample_lengths
 from offline.build_dataset import dumps_split, make_example
 from stages.prompt import summary_token_mask
 
@@ -150,15 +150,9 @@ def template_lengths(
         ids, mask = summary_token_mask(tokenizer, instruction, row["dialogue"], row["summary"], date_string)
         lengths.append(len(ids))
         summaries.append(sum(mask))
-    ordered = sorted(lengths)
     return {
         "rows": len(rows),
-        "length_mean": round(statistics.fmean(lengths), 1),
-        "length_sd": round(statistics.pstdev(lengths), 1),
-        "length_p50": ordered[len(ordered) // 2],
-        "length_p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
-        "length_min": ordered[0],
-        "length_max": ordered[-1],
+        **length_summary(lengths),
         "summary_token_fraction": round(sum(summaries) / sum(lengths), 4),
         "dialogue_chars_mean": round(statistics.fmean(len(r["dialogue"]) for r in rows), 1),
         "summary_chars_mean": round(statistics.fmean(len(r["summary"]) for r in rows), 1),
