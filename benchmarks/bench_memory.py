@@ -32,7 +32,7 @@ from benchmarks.llama_shaped import benchmark_model
 from offline.run import merge
 from stages.modeling import choose_device, load_base_model, load_tokenizer
 from stages.params import PARAMS_FILE, parse_params
-from stages.train import add_lora, build_trainer
+from stages.train import add_lora, build_trainer, enable_checkpointing
 
 log = logging.getLogger("benchmarks.bench_memory")
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for name, switches in settings:
         if name.startswith("checkpointing"):
-            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model.get_base_model())
         run_params = replace(params, training=replace(params.training, **switches))
         ref: list = []
         meter = StepMeter(ref)

@@ -82,14 +82,18 @@ def prepare_base(base: torch.nn.Module, params: Params, policy: DevicePolicy) ->
     if t.padding_free:
         base.set_attn_implementation(attention.register())
     if t.gradient_checkpointing:
-        # Non-reentrant checkpointing: the reentrant kind drops gradients of inputs that don't require them.
-        # transformers 5.24 renamed gradient_checkpointing_enable (still there, deprecated); 5.17 has the old name.
-        kwargs = {"use_reentrant": False}
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(base)
     return base
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing (the reentrant kind drops gradients of inputs that don't require
+    them). transformers 5.24 renamed gradient_checkpointing_enable (still there, deprecated); 5.17 has only it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def checkpointing_on(model: torch.nn.Module) -> bool:
