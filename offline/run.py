@@ -85,9 +85,9 @@ def main() -> None:
     params = Path(PARAMS_FILE)
     if not params.is_file():
         raise PipelineError(f"{PARAMS_FILE} not found: run `python -m offline.run` from the project root")
-    original = params.read_text(encoding="utf-8")
-    overrides = yaml.safe_load(OVERRIDES.read_text(encoding="utf-8")) or {}
-    offline_params(original, OVERRIDES.read_text(encoding="utf-8"))  # a bad value fails here, before DVC runs
+    original, overrides_text = params.read_text(encoding="utf-8"), OVERRIDES.read_text(encoding="utf-8")
+    offline_params(original, overrides_text)  # a bad value fails here, before DVC runs
+    overrides = yaml.safe_load(overrides_text) or {}
     current = leaves(yaml.safe_load(original) or {})
     changed = {key: value for key, value in leaves(overrides).items() if current.get(key) != value}
     if changed:
