@@ -27,10 +27,11 @@ CHECKPOINTS = "models/checkpoints"
 RUN_FINGERPRINT = "run.json"  # inside CHECKPOINTS: which params and data its checkpoints belong to
 
 # training.* switches that change only speed or memory, not what is optimised (the same losses and gradients up to
-# float rounding; tests/test_microbatch.py, test_objective.py and test_train.py check it): changing one keeps the
-# checkpoints, so a run stopped for lack of memory resumes after its cap is lowered.
+# float rounding; tests/test_microbatch.py, test_objective.py, test_train.py and test_distributed.py check it):
+# changing one keeps the checkpoints, so a run stopped for lack of memory resumes after its cap is lowered, and a
+# run on N processes can resume on another number of them.
 SPEED_AND_MEMORY_SWITCHES = ("max_tokens_per_micro_batch", "gradient_checkpointing", "compile", "dequantize",
-                             "padding_free", "per_device_eval_batch_size")
+                             "padding_free", "per_device_eval_batch_size", "num_processes")
 
 
 def run_fingerprint(params: Params, data_dir: str | Path) -> str:
@@ -63,14 +64,24 @@ def _finished(checkpoint: str) -> bool:
     return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
 
 
-def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS) -> str | None:
-    """The newest checkpoint of an interrupted run with the same fingerprint; otherwise clear the folder."""
+def resumable_checkpoint(fingerprint: str, checkpoints: str | Path = CHECKPOINTS) -> str | None:
+    """The newest checkpoint of an interrupted run with the same fingerprint, if any; changes nothing (the workers
+    of a run of several processes read it after the launching process prepared the folder)."""
     checkpoints = Path(checkpoints)
     marker = checkpoints / RUN_FINGERPRINT
     same_run = marker.is_file() and _marked_fingerprint(marker) == fingerprint
     last = get_last_checkpoint(str(checkpoints)) if same_run else None
-    if last and not _finished(last):
-        return last
+    return last if last and not _finished(last) else None
+
+
+def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS) -> str | None:
+    """The newest checkpoint of an interrupted run with the same fingerprint; otherwise clear the folder."""
+    resume = resumable_checkpoint(fingerprint, checkpoints)
+    if resume:
+        return resume
+    checkpoints = Path(checkpoints)
+    marker = checkpoints / RUN_FINGERPRINT
+    last = last_checkpoint(checkpoints) if marker.is_file() and _marked_fingerprint(marker) == fingerprint else None
     if checkpoints.exists():
         if last:
             log.info("%s holds a finished run: training anew", checkpoints)
@@ -85,6 +96,13 @@ def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS
 def last_checkpoint(checkpoints: str | Path = CHECKPOINTS) -> str | None:
     """The newest `checkpoint-<step>` folder, if any."""
     return get_last_checkpoint(str(checkpoints)) if Path(checkpoints).is_dir() else None
+
+
+def resume_advice(checkpoints: str | Path = CHECKPOINTS) -> str:
+    """What the next `dvc repro` does after a run that stopped: resume from the last checkpoint, or start over."""
+    last = last_checkpoint(checkpoints)
+    return (f"the last checkpoint {last} is kept and `dvc repro` resumes from it" if last
+            else "no checkpoint had been saved yet, so `dvc repro` starts over")
 
 
 def checkpoint_step(checkpoint: str) -> int:

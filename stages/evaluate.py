@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from stages import launch
 from stages.errors import PipelineError, run_stage
 from stages.files import read_jsonl, write_json, write_jsonl
 from stages.modeling import DevicePolicy, choose_device, load_base_model, load_tokenizer
@@ -53,26 +55,44 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, d
     return ids
 
 
+def plan_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of `batch_size`, longest first: similar lengths waste little padding, and an
+    out-of-memory error shows up at once. The plan depends on nothing else, so any number of processes runs the
+    very same batches (and generates the very same tokens) as one process."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def share_batches(batches: list[list[int]], prompts: list[list[int]], max_new_tokens: int, rank: int,
+                  processes: int) -> list[list[int]]:
+    """The batches process `rank` of `processes` generates: whole batches, each (longest first) to the process
+    with the least work so far, work counted as rows x (padded prompt + new tokens)."""
+    work, mine = [0] * processes, []
+    for batch in batches:
+        process = min(range(processes), key=lambda p: (work[p], p))
+        work[process] += len(batch) * (max(len(prompts[i]) for i in batch) + max_new_tokens)
+        if process == rank:
+            mine.append(batch)
+    return mine
+
+
 @torch.inference_mode()
-def generate(
+def generate_batches(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
+    batches: list[list[int]],
     max_new_tokens: int,
-    batch_size: int,
     stop_ids: list[int],
-) -> list[Generation]:
-    """Greedy generation in length-sorted, left-padded batches; decodes only the new tokens."""
+) -> dict[int, Generation]:
+    """Greedy generation of the given batches of prompt indices, left-padded; decodes only the new tokens."""
     device = next(model.parameters()).device
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id
     )
-    # Longest first: similar lengths waste little padding, and an out-of-memory error shows up at once.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc="generate", unit="ex") as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+    results: dict[int, Generation] = {}
+    with tqdm(total=sum(map(len, batches)), desc="generate", unit="ex", disable=not launch.is_main()) as bar:
+        for batch in batches:
             width = max(len(prompts[i]) for i in batch)
             input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -85,7 +105,20 @@ def generate(
             for row, i in enumerate(batch):
                 results[i] = _decode(tokenizer, out[row, width:].tolist(), stop_ids)
             bar.update(len(batch))
-    return results  # type: ignore[return-value]
+    return results
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    stop_ids: list[int],
+) -> list[Generation]:
+    """Greedy generation for every prompt, in length-sorted batches (plan_batches), in prompt order."""
+    results = generate_batches(model, tokenizer, prompts, plan_batches(prompts, batch_size), max_new_tokens, stop_ids)
+    return [results[i] for i in range(len(prompts))]
 
 
 def _decode(tokenizer: PreTrainedTokenizerBase, new_ids: list[int], stop_ids: list[int]) -> Generation:
@@ -154,10 +187,10 @@ def load_for_generation(params: Params, policy: DevicePolicy, adapter: str | Non
     return model.eval()
 
 
-def evaluate(which: str) -> None:
+def evaluate(which: str, parts: str | None = None) -> None:
+    """The stage: generate for the test split (in this process, or in training.num_processes processes that each
+    write their share to a folder of parts), then score and write the outputs here."""
     params = load_params()
-    policy = choose_device(params.quantization)
-    log.info("device: %s", policy.reason)
     rows = read_jsonl(TEST)
     if params.eval.max_samples:
         rows = rows[: params.eval.max_samples]
@@ -165,17 +198,20 @@ def evaluate(which: str) -> None:
         raise PipelineError(f"{TEST} has no rows: re-run `dvc repro prepare`")
     if which == "adapter":
         check_adapter()
-    tokenizer = load_tokenizer(params.model)
+    processes = params.training.num_processes
+    if launch.in_worker():
+        if parts is None:
+            raise PipelineError("a worker of several evaluation processes needs --parts (it is started by the stage)")
+        generate_share(which, params, rows, Path(parts))
+        return
     started = time.perf_counter()
-    model = load_for_generation(params, policy, ADAPTER if which == "adapter" else None)
-    prompts = [
-        generation_prompt_ids(tokenizer, params.prompt.instruction, r["dialogue"], params.prompt.date_string)
-        for r in rows
-    ]
-    stops = stop_token_ids(tokenizer, model, params.prompt.date_string)
-    generations = generate(model, tokenizer, prompts, params.eval.max_new_tokens, params.eval.batch_size, stops)
+    if processes > 1:
+        generations = generate_in_processes(which, processes, len(rows))
+    else:
+        generations = generate_all(which, params, rows)
     seconds = time.perf_counter() - started
     per_example, metrics = summarize_generations(generations, [r["summary"] for r in rows], seconds)
+    metrics["processes"] = processes
 
     write_jsonl(
         PREDICTIONS.format(which=which),
@@ -196,10 +232,57 @@ def evaluate(which: str) -> None:
     log.info("%s: %s", which, metrics)
 
 
+def _model_and_prompts(which: str, params: Params, rows: list[dict]) -> tuple:
+    policy = choose_device(params.quantization)
+    log.info("device: %s", policy.reason)
+    tokenizer = load_tokenizer(params.model)
+    model = load_for_generation(params, policy, ADAPTER if which == "adapter" else None)
+    prompts = [
+        generation_prompt_ids(tokenizer, params.prompt.instruction, r["dialogue"], params.prompt.date_string)
+        for r in rows
+    ]
+    return model, tokenizer, prompts, stop_token_ids(tokenizer, model, params.prompt.date_string)
+
+
+def generate_all(which: str, params: Params, rows: list[dict]) -> list[Generation]:
+    model, tokenizer, prompts, stops = _model_and_prompts(which, params, rows)
+    return generate(model, tokenizer, prompts, params.eval.max_new_tokens, params.eval.batch_size, stops)
+
+
+def generate_share(which: str, params: Params, rows: list[dict], parts: Path) -> None:
+    """One worker's share: its batches of the one-process plan, written to parts/<rank>.jsonl."""
+    launch.quiet_replicas()
+    model, tokenizer, prompts, stops = _model_and_prompts(which, params, rows)
+    mine = share_batches(plan_batches(prompts, params.eval.batch_size), prompts, params.eval.max_new_tokens,
+                         launch.rank(), launch.world_size())
+    results = generate_batches(model, tokenizer, prompts, mine, params.eval.max_new_tokens, stops)
+    write_jsonl(parts / f"{launch.rank()}.jsonl",
+                ({"index": i, "text": g.text, "new_tokens": g.new_tokens, "stopped": g.stopped}
+                 for i, g in sorted(results.items())))
+
+
+def generate_in_processes(which: str, processes: int, count: int) -> list[Generation]:
+    """Generate in `processes` processes (one per GPU), each a share of the batches; their parts merged in order."""
+    launch.check_devices(processes)
+    folder = Path(PREDICTIONS.format(which=which)).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{which}-parts-") as parts:
+        launch.launch("stages.evaluate", [which, "--parts", parts], processes, f"evaluation ({which})")
+        results: dict[int, Generation] = {}
+        for part in sorted(Path(parts).glob("*.jsonl")):
+            for record in read_jsonl(part):
+                results[record["index"]] = Generation(record["text"], record["new_tokens"], record["stopped"])
+    if sorted(results) != list(range(count)):  # every process ended well, so this is a bug, not bad input
+        raise RuntimeError(f"the evaluation processes returned {len(results)} of {count} predictions")
+    return [results[i] for i in range(count)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Evaluate the base model or the fine-tuned adapter with ROUGE.")
     parser.add_argument("which", choices=["baseline", "adapter"])
-    evaluate(parser.parse_args().which)
+    parser.add_argument("--parts", help=argparse.SUPPRESS)  # set by the stage for its worker processes
+    args = parser.parse_args()
+    evaluate(args.which, args.parts)
 
 
 if __name__ == "__main__":

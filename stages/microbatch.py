@@ -13,16 +13,18 @@ Each pass has a fixed cost on top of its tokens, so every extra pass costs time:
 
 from __future__ import annotations
 
+import contextlib
 import re
+import time
 
 import torch
 from transformers import ProgressCallback, Trainer
 
 from stages.batching import split_batch
-from stages.checkpoints import CHECKPOINTS, last_checkpoint
+from stages.checkpoints import CHECKPOINTS, resume_advice
 from stages.errors import PipelineError
 from stages.modeling import peak_memory_gib
-from stages.objective import loss_token_count
+from stages.objective import loss_token_count, summary_loss
 from stages.params import TrainingParams
 
 
@@ -42,12 +44,47 @@ class TokenCappedTrainer(Trainer):
         # The loss function divides by num_items_in_batch (compute_loss_func is set), so the Trainer scales nothing
         # and the pieces' losses add up to the micro-batch's.
         losses = []
-        for piece in pieces:
+        for i, piece in enumerate(pieces):
             self.running_pass = piece["input_ids"].numel()
-            losses.append(super().training_step(model, piece, num_items_in_batch))
+            # Several processes: gradients are exchanged once per micro-batch, after its last pass (processes may cut
+            # their shares into different numbers of passes).
+            last = i == len(pieces) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                losses.append(super().training_step(model, piece, num_items_in_batch))
             self.passes += 1
         self.running_pass = None
         return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The validation loss as the training loss is defined: the mean over all summary tokens of the split.
+
+        Each process sums the token losses of every N-th example and counts their tokens; the sums are added over
+        processes. The value is the same for any number of processes and any per_device_eval_batch_size (up to
+        float rounding), where the Trainer's own evaluation averages per-batch means and, on several processes,
+        repeats examples to even out the last batch.
+        """
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        started = time.perf_counter()
+        model = self.model
+        model.eval()
+        share = range(self.args.process_index, len(dataset), self.args.world_size)
+        size = self.args.per_device_eval_batch_size
+        sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # summed token loss, loss tokens
+        with torch.no_grad():
+            for start in range(0, len(share), size):
+                batch = self._prepare_inputs(self.data_collator([dataset[i] for i in share[start:start + size]]))
+                with self.compute_loss_context_manager():
+                    outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+                tokens = loss_token_count(batch["labels"])
+                sums += torch.stack([summary_loss(outputs, batch["labels"], num_items_in_batch=1).double(),
+                                     tokens.double()])
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        metrics = {f"{metric_key_prefix}_loss": (sums[0] / sums[1]).item(),
+                   f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def train(self, *args, **kwargs):
         try:
@@ -89,7 +126,5 @@ def out_of_memory_error(err: BaseException, trainer: TokenCappedTrainer, trainin
                  f"set training.max_tokens_per_micro_batch{below} (now null: one pass per micro-batch)"]
         if not training.gradient_checkpointing:
             fixes.append("or set training.gradient_checkpointing=true")
-    last = last_checkpoint(checkpoints)
-    then = (f"the last checkpoint {last} is kept and `dvc repro` resumes from it" if last
-            else "no checkpoint had been saved yet, so `dvc repro` starts over")
-    return PipelineError(f"CUDA ran out of memory {where} ({memory}); {', '.join(fixes)}; {then}")
+    return PipelineError(f"CUDA ran out of memory {where} ({memory}); {', '.join(fixes)}; "
+                         f"{resume_advice(checkpoints)}")

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from stages import hub
+from stages.launch import local_rank
 from stages.errors import PipelineError
 from stages.params import ModelParams, QuantizationParams
 
@@ -165,7 +166,7 @@ def load_base_model(model: ModelParams, quant: QuantizationParams, policy: Devic
             revision=model.revision,
             quantization_config=quantization_config(quant, policy),
             dtype=policy.compute_dtype,
-            device_map={"": 0} if policy.device == "cuda" else "cpu",
+            device_map={"": local_rank()} if policy.device == "cuda" else "cpu",  # one GPU per process
             trust_remote_code=False,
             **hub_args,
         ), model.base_model, "model.base_model")

@@ -72,6 +72,7 @@ class TrainingParams:
     max_steps: int = -1
     per_device_train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
+    num_processes: int = 1
     max_tokens_per_micro_batch: int | None = 8192
     learning_rate: float = 2e-4
     lr_scheduler_type: str = "linear"
@@ -138,6 +139,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "training.max_steps": (lambda v: v == -1 or v > 0, "-1 (use num_train_epochs) or an integer > 0"),
     "training.per_device_train_batch_size": (_positive, "an integer > 0"),
     "training.gradient_accumulation_steps": (_positive, "an integer > 0"),
+    "training.num_processes": (_positive, "an integer > 0 (data-parallel processes: one per GPU)"),
     "training.max_tokens_per_micro_batch": (_positive, "null (one pass per micro-batch) or an integer > 0 (tokens)"),
     "training.learning_rate": (_positive, "a number > 0"),
     "training.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),

@@ -21,13 +21,16 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments, set_seed
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.trainer_pt_utils import AcceleratorConfig
 
-from stages import attention
+from stages import attention, launch
 from stages.batching import FlatCollator, PadCollator
 from stages.checkpoints import (
     CHECKPOINTS,
     checkpoint_step,
     checkpoint_to_resume,
+    resumable_checkpoint,
+    resume_advice,
     run_fingerprint,
     train_resuming,
 )
@@ -168,10 +171,16 @@ def training_arguments(params: Params, policy: DevicePolicy, has_eval: bool) -> 
         remove_unused_columns=False,
         prediction_loss_only=True,
         include_num_input_tokens_seen="non_padding",
+        # Several processes: each batch of per_device_train_batch_size sequences, drawn as one process draws it, is
+        # split between them (the same sequences per optimizer step and the same order as one process); the loss
+        # is divided by the step's loss tokens counted over all processes (average_tokens_across_devices).
+        accelerator_config=AcceleratorConfig(split_batches=True),
+        average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,  # every adapter weight gets a gradient in every pass
         dataloader_num_workers=0,
         use_cpu=policy.device == "cpu",
         save_only_model=False,
-        disable_tqdm=False,
+        disable_tqdm=not launch.is_main(),
     )
 
 
@@ -215,8 +224,45 @@ def file_mb(path: str | Path) -> float:
     return Path(path).stat().st_size / 1e6
 
 
+def check_num_processes(params: Params) -> None:
+    """Each batch is split evenly between the processes: the batch sizes must divide by their number."""
+    t = params.training
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        size = getattr(t, key)
+        if size % t.num_processes:
+            raise PipelineError(
+                f"params.yaml: training.{key} ({size}) must divide by training.num_processes ({t.num_processes}): "
+                f"each batch is split evenly between the processes; set it to a multiple of {t.num_processes}"
+            )
+    launch.check_devices(t.num_processes)
+
+
+def launch_workers(params: Params) -> None:
+    """Train as training.num_processes data-parallel processes: the checkpoint folder is prepared here, once, and the
+    workers (this module again, under accelerate's launcher) train from it."""
+    check_num_processes(params)
+    if not Path(TOKENIZED).is_dir():
+        raise PipelineError(f"{TOKENIZED} not found: run `dvc repro tokenize_mask` first")
+    resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    try:
+        launch.launch("stages.train", [], params.training.num_processes, "training")
+    except launch.WorkerFailed as err:
+        raise PipelineError(f"{err}; {resume_advice()}") from None
+
+
 def main() -> None:
     params = load_params()
+    if params.training.num_processes > 1 and not launch.in_worker():
+        launch_workers(params)
+    else:
+        train(params)
+
+
+def train(params: Params) -> None:
+    """The stage in this process: all of it, or this process's share when it is one of several workers."""
+    launch.quiet_replicas()
     policy = choose_device(params.quantization, params.training.optim)
     log.info("device: %s", policy.reason)
     try:
@@ -230,22 +276,28 @@ def main() -> None:
     model = add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
     trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit packed weights at their real size
 
-    resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))
-    if resume_from:
+    fingerprint = run_fingerprint(params, TOKENIZED)
+    # A worker reads the folder its launching process prepared.
+    resume_from = resumable_checkpoint(fingerprint) if launch.in_worker() else checkpoint_to_resume(fingerprint)
+    if resume_from and not launch.in_worker():  # else said by the launching process
         log.info("resuming from %s", resume_from)
-    callbacks = curves_callback(resume=bool(resume_from))
+    callbacks = curves_callback(resume=bool(resume_from)) if launch.is_main() else []
     has_eval = "validation" in data and len(data["validation"]) > 0
     trainer = build_trainer(params, policy, model, tokenizer, data["train"], data["validation"] if has_eval else None,
                             callbacks)
     start = time.perf_counter()
     try:
-        result, tokens = train_resuming(trainer, resume_from)
+        result, tokens = train_resuming(trainer, resume_from)  # tokens of all processes
         runtime = time.perf_counter() - start
         eval_loss = final_eval_loss(trainer) if has_eval else None
     except torch.OutOfMemoryError as err:
         raise out_of_memory_error(err, trainer, params.training) from None
     for callback in callbacks:
         callback.live.end()
+    # Every process's peak and passes, gathered on all of them.
+    per_process = gather([(round(peak_memory_gib(), 3), trainer.passes)])
+    if not launch.is_main():
+        return
 
     with atomic_dir(ADAPTER) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -258,9 +310,10 @@ def main() -> None:
         {
             "train_loss": round(losses[-1], 4) if losses else None,
             "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
-            "tokens_per_s": round(tokens / runtime, 1),
-            "peak_memory_gib": round(peak_memory_gib(), 3),
+            "tokens_per_s": round(tokens / runtime, 1),  # all processes together
+            "peak_memory_gib": max(peak for peak, _ in per_process),  # of the fullest GPU (or process on CPU)
             "runtime_s": round(runtime, 2),
+            "processes": len(per_process),
         },
     )
     write_json(
@@ -276,10 +329,12 @@ def main() -> None:
             "trainable_percent": round(100 * trainable / total, 4),
             "adapter_mb": round(file_mb(Path(ADAPTER) / "adapter_model.safetensors"), 3),
             **policy.describe(),
+            "num_processes": len(per_process),
+            "peak_memory_gib_per_process": [peak for peak, _ in per_process],
             "quantized": params.quantization.use_4bit,
             "optim": policy.optim,
             "max_tokens_per_micro_batch": params.training.max_tokens_per_micro_batch,
-            "micro_batches": trainer.passes,
+            "micro_batches": sum(passes for _, passes in per_process),  # forward/backward passes, all processes
             "gradient_checkpointing": params.training.gradient_checkpointing,
             "padding_free": params.training.padding_free,
             "attention": model.get_base_model().config._attn_implementation,
@@ -289,6 +344,15 @@ def main() -> None:
         },
     )
     log.info("adapter saved to %s", ADAPTER)
+
+
+def gather(values: list) -> list:
+    """`values` of every process, in rank order (just `values` in a run of one process)."""
+    if not launch.in_worker():
+        return values
+    from accelerate.utils import gather_object
+
+    return gather_object(values)
 
 
 if __name__ == "__main__":

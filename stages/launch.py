@@ -1,0 +1,114 @@
+"""Running a stage as several data-parallel processes (training.num_processes), through accelerate's launcher.
+
+`python -m stages.train` (or `dvc repro`) with training.num_processes = N > 1 starts N copies of the stage module
+with `accelerate launch --multi_gpu` (torch's elastic launcher underneath): one process per GPU, or N gloo
+processes on a machine without CUDA. The copies are the workers; the launching process waits for them, and when
+any of them fails the launcher stops the others and this module turns the failure into one line.
+
+Several machines: run `accelerate config` on each (this machine's rank, the number of machines, the main
+process's address and port); the launcher reads that file, and training.num_processes is then the number of
+processes on all machines together (README, Several GPUs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from stages.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def in_worker() -> bool:
+    """Whether this process is one of several started by a distributed launcher (torchrun, accelerate launch)."""
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank() -> int:
+    """This process's rank among all processes (0 outside a distributed launch)."""
+    return int(os.environ.get("RANK", "0")) if in_worker() else 0
+
+
+def local_rank() -> int:
+    """This process's rank on its machine, which is also its GPU (0 outside a distributed launch)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if in_worker() else 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1")) if in_worker() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def quiet_replicas() -> None:
+    """Log progress from the main process only: N copies of every line and progress bar say nothing more."""
+    if is_main():
+        return
+    logging.getLogger().setLevel(logging.WARNING)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_warning()
+    transformers_logging.disable_progress_bar()
+
+
+def accelerate_config_file() -> Path | None:
+    """The accelerate config that `accelerate config` wrote for this user, if any (it holds multi-machine settings)."""
+    from accelerate.commands.config.config_args import default_config_file
+
+    path = Path(default_config_file)
+    return path if path.is_file() else None
+
+
+def check_devices(num_processes: int, param: str = "training.num_processes") -> None:
+    """On CUDA, one process per GPU: fail before launching when this machine has too few."""
+    if not torch.cuda.is_available() or accelerate_config_file() is not None:  # CPU, or processes spread over machines
+        return
+    gpus = torch.cuda.device_count()
+    if num_processes > gpus:
+        raise PipelineError(
+            f"params.yaml: {param} is {num_processes} but this machine has {gpus} GPU{'s' * (gpus != 1)}; "
+            f"set it to at most {gpus} (`dvc exp run -S {param}={gpus}`)"
+        )
+
+
+class WorkerFailed(PipelineError):
+    """A worker process failed; the launcher has stopped the others."""
+
+
+def _describe(failure) -> str:
+    code = failure.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def launch(module: str, args: list[str], num_processes: int, what: str) -> None:
+    """Run `python -m module *args` as `num_processes` processes and wait for them all. A failure of any raises
+    WorkerFailed naming the first process that failed (its own error line was printed above)."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    argv = ["--multi_gpu", "--num_processes", str(num_processes)]
+    if accelerate_config_file() is None:  # one machine: the launcher's defaults, said here instead of warned about
+        argv += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", "0"]  # 0: a free port, so that queued experiments can run side by side
+    argv += ["--module", module, *args]
+    log.info("%s: starting %d processes (accelerate launch)", what, num_processes)
+    try:
+        launch_command(launch_command_parser().parse_args(argv))
+    except ChildFailedError as err:
+        first = min(err.failures.values(), key=lambda f: f.timestamp)
+        # The launcher stops the other processes with SIGTERM once one has failed: the first failure is the cause.
+        cause = next((f for f in err.failures.values() if f.exitcode != -signal.SIGTERM), first)
+        raise WorkerFailed(f"{what} stopped: process {cause.local_rank} of {num_processes} {_describe(cause)} "
+                           "and the others were stopped") from None
