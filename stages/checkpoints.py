@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import TrainOutput
 
 from stages.errors import PipelineError
 from stages.params import Params
@@ -70,7 +70,7 @@ def resumable_checkpoint(fingerprint: str, checkpoints: str | Path = CHECKPOINTS
     checkpoints = Path(checkpoints)
     marker = checkpoints / RUN_FINGERPRINT
     same_run = marker.is_file() and _marked_fingerprint(marker) == fingerprint
-    last = get_last_checkpoint(str(checkpoints)) if same_run else None
+    last = last_checkpoint(checkpoints) if same_run else None
     return last if last and not _finished(last) else None
 
 
@@ -94,8 +94,14 @@ def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS
 
 
 def last_checkpoint(checkpoints: str | Path = CHECKPOINTS) -> str | None:
-    """The newest `checkpoint-<step>` folder, if any."""
-    return get_last_checkpoint(str(checkpoints)) if Path(checkpoints).is_dir() else None
+    """The newest complete `checkpoint-<step>` folder, if any: the Trainer writes trainer_state.json last, so a
+    folder without it was cut off while it was being saved (a killed process) and is passed over."""
+    folder = Path(checkpoints)
+    if not folder.is_dir():
+        return None
+    complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                and (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
 def resume_advice(checkpoints: str | Path = CHECKPOINTS) -> str:

@@ -66,9 +66,19 @@ def accelerate_config_file() -> Path | None:
     return path if path.is_file() else None
 
 
+def machines() -> int:
+    """How many machines the processes are spread over: accelerate's config says, else one."""
+    path = accelerate_config_file()
+    if path is None:
+        return 1
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    return int(getattr(load_config_from_file(str(path)), "num_machines", 1) or 1)
+
+
 def check_devices(num_processes: int, param: str = "training.num_processes") -> None:
     """On CUDA, one process per GPU: fail before launching when this machine has too few."""
-    if not torch.cuda.is_available() or accelerate_config_file() is not None:  # CPU, or processes spread over machines
+    if not torch.cuda.is_available() or machines() > 1:  # CPU, or processes spread over machines
         return
     gpus = torch.cuda.device_count()
     if num_processes > gpus:
@@ -99,6 +109,9 @@ def launch(module: str, args: list[str], num_processes: int, what: str) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     argv = ["--multi_gpu", "--num_processes", str(num_processes)]
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # CPU processes share the cores (the launcher would give each one thread).
+        argv += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // num_processes))]
     if accelerate_config_file() is None:  # one machine: the launcher's defaults, said here instead of warned about
         argv += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                  "--main_process_port", "0"]  # 0: a free port, so that queued experiments can run side by side
@@ -107,8 +120,10 @@ def launch(module: str, args: list[str], num_processes: int, what: str) -> None:
     try:
         launch_command(launch_command_parser().parse_args(argv))
     except ChildFailedError as err:
-        first = min(err.failures.values(), key=lambda f: f.timestamp)
-        # The launcher stops the other processes with SIGTERM once one has failed: the first failure is the cause.
-        cause = next((f for f in err.failures.values() if f.exitcode != -signal.SIGTERM), first)
-        raise WorkerFailed(f"{what} stopped: process {cause.local_rank} of {num_processes} {_describe(cause)} "
+        # The launcher stops the other processes with SIGTERM once one has failed: the first other failure is the
+        # cause. Failures are keyed by global rank.
+        failures = sorted(err.failures.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM,
+                                                                   item[1].timestamp))
+        process, cause = failures[0]
+        raise WorkerFailed(f"{what} stopped: process {process} of {num_processes} {_describe(cause)} "
                            "and the others were stopped") from None

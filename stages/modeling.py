@@ -15,8 +15,8 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from stages import hub
-from stages.launch import local_rank
 from stages.errors import PipelineError
+from stages.launch import local_rank
 from stages.params import ModelParams, QuantizationParams
 
 log = logging.getLogger(__name__)
