@@ -88,6 +88,15 @@ def check_devices(num_processes: int, param: str = "training.num_processes") -> 
         )
 
 
+def one_gpu_per_process(args) -> None:
+    """A Trainer in a process of its own spreads over every visible GPU with torch's DataParallel, which splits a
+    batch by rows: a packed batch is one row, and the loss would be scaled by the GPU count. Each process of this
+    project uses one GPU; more GPUs are used through training.num_processes."""
+    if args.n_gpu > 1:
+        log.info("%d GPUs visible: this process uses one (training.num_processes uses more)", args.n_gpu)
+        args._n_gpu = 1  # read by the Trainer through args.n_gpu; there is no public setter
+
+
 class WorkerFailed(PipelineError):
     """A worker process failed; the launcher has stopped the others."""
 

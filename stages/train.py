@@ -198,6 +198,7 @@ def build_trainer(
     passes of at most training.max_tokens_per_micro_batch tokens."""
     args = training_arguments(params, policy, has_eval=validation is not None)
     args.output_dir = output_dir
+    launch.one_gpu_per_process(args)
     return TokenCappedTrainer(
         model=model,
         args=args,
