@@ -115,6 +115,11 @@ def compile_layers(model: torch.nn.Module) -> int:
     """torch.compile each decoder layer (one compiled graph serves them all: same code, parameters as inputs);
     returns how many were compiled. Row lengths change every step, so shapes are compiled as dynamic."""
     layers = decoder_layers(model)
+    if launch.in_worker():
+        # Dynamo splits graphs compiled inside DistributedDataParallel at its gradient buckets (DDPOptimizer), for
+        # models compiled whole. Each layer here compiles on its own and holds a few adapter weights, whose
+        # gradients DDP exchanges after the backward pass anyway.
+        torch._dynamo.config.optimize_ddp = False
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
