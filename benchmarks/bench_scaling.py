@@ -17,7 +17,7 @@ Within a mode every N draws from the same examples. Reported per run: real (non-
 the timed steps, all processes together (their tokens over the longest of their timed windows), the speedup over
 N = 1 of the same mode and the efficiency (speedup / N), each process's peak memory, and the loss of the first and
 last step (in strong scaling the same as on one process: data parallelism must not change the optimisation).
-The issue's targets, weak scaling: >= 1.85x the tokens/s of one GPU on 2 GPUs, >= 3.6x on 4; they are printed
+Targets, weak scaling: >= 1.85x the tokens/s of one GPU on 2 GPUs, >= 3.6x on 4; they are printed
 beside the table, never enforced. `--tiny` runs a 2-layer model with hidden size 128, on CPU when there is no GPU,
 where N processes share the same cores: a smoke test whose numbers say nothing about GPUs.
 """
@@ -54,7 +54,7 @@ log = logging.getLogger("benchmarks.bench_scaling")
 MODULE = "benchmarks.bench_scaling"  # what the workers run: this module with --worker
 MODES = ("strong", "weak")
 SEQUENCES = SEQUENCES_PER_STEP  # per optimizer step (strong) or per process and step (weak)
-TARGETS = {2: 1.85, 4: 3.6}  # the issue's weak-scaling speedups over one GPU, by number of GPUs
+TARGETS = {2: 1.85, 4: 3.6}  # weak-scaling speedups over one GPU wanted, by number of GPUs
 SET_HERE = ("per_device_train_batch_size", "num_processes")  # training.* keys each run sets itself
 CPU_NOTE = ("no CUDA: the processes are gloo processes sharing this machine's CPU cores (the launcher gives each "
             "OMP_NUM_THREADS threads, 1 unless set); the numbers test the benchmark and say nothing about GPUs")
@@ -217,7 +217,7 @@ def combine(run: Run, shares: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def add_speedups(results: list[dict[str, Any]]) -> None:
-    """Speedup of tokens/s over one process of the same mode, efficiency = speedup / N, and the issue's targets."""
+    """Speedup of tokens/s over one process of the same mode, efficiency = speedup / N, and the targets."""
     for r in results:
         single = next((s["tokens_per_second"] for s in results if s["mode"] == r["mode"] and s["processes"] == 1), None)
         r["speedup"] = round(r["tokens_per_second"] / single, 3) if single else None
@@ -309,13 +309,13 @@ def print_report(out: dict[str, Any], path: Path) -> None:
         ("peak GiB per process", "peaks"),
         ("threads", "threads_per_process"),
         ("final loss", "final_loss"),
-        ("target (issue)", "target"),
+        ("target", "target"),
     ]
     rows = [{**r, "peaks": " / ".join(f"{p:.2f}" for p in r["peak_memory_gib_per_process"]), "target": target_cell(r)}
             for r in out["results"]]
     print(report.table(columns, rows))
     targets = ", ".join(f">= {speedup}x on {n} GPUs" for n, speedup in TARGETS.items())
-    print(f"targets (the issue, weak scaling, tokens/s over one GPU): {targets}; reported, not enforced")
+    print(f"targets (weak scaling, tokens/s over one GPU): {targets}; reported, not enforced")
     print(f"peak memory: {out['peak_memory']}")
     if "note" in out:
         print(f"NOTE: {out['note']}")

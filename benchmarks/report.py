@@ -85,8 +85,10 @@ def header(benchmark: str, config: dict[str, Any]) -> dict[str, Any]:
         "date": now.strftime("%Y-%m-%d"),
         "time_utc": now.strftime("%H:%M:%S"),
         "device": device_name(),
+        "gpus": torch.cuda.device_count(),  # visible to the benchmark
         "versions": versions(),
         "peak_memory": memory_kind(),
+        "source": source_commit(),
         "config": config,
     }
 

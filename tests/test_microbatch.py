@@ -152,6 +152,7 @@ def fake_trainer(step: int, running_pass: int | None, training: bool) -> SimpleN
 
 def test_out_of_memory_names_the_switches_with_this_runs_numbers(tmp_path):
     (tmp_path / "checkpoint-400").mkdir()
+    (tmp_path / "checkpoint-400" / "trainer_state.json").write_text("{}")  # complete: written last
     err = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB. GPU 0 has a total ...")
     params = parse_params({"training": {"max_tokens_per_micro_batch": 8192}}).training
     message = str(out_of_memory_error(err, fake_trainer(411, 6912, True), params, str(tmp_path)))
