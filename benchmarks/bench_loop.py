@@ -75,7 +75,7 @@ LOCKED = re.compile(r"Updating lock file")
 QUEUED = re.compile(r"Queued experiment '([\w-]+)'")
 MODULES = {"prepare": ("prepare", None), "tokenize_mask": ("tokenize_mask", None), "train": ("train", None),
            "evaluate_baseline": ("evaluate", "baseline"), "evaluate_adapter": ("evaluate", "adapter"),
-           "compare": ("compare", None)}
+           "compare": ("compare", None), "card": ("card", None)}
 
 
 @dataclass

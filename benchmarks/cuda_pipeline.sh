@@ -24,7 +24,7 @@ params["eval"].update(max_new_tokens=48)
 yaml.safe_dump(params, open(f"{work}/params.yaml", "w"), sort_keys=False)
 PY
 cd "$work"
-for stage in prepare tokenize_mask train "evaluate baseline" "evaluate adapter" compare; do
+for stage in prepare tokenize_mask train "evaluate baseline" "evaluate adapter" compare card; do
   echo "== $stage"
   python3 -m stages.$stage
 done

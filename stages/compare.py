@@ -2,23 +2,29 @@
 
     python -m stages.compare
 
-Reads metrics/{baseline,adapter}.json and data/predictions/{baseline,adapter}.jsonl; writes
-metrics/compare.json (ROUGE-L of both and the gain: what `dvc exp show` compares experiments by),
-metrics/compare_rouge.json (`dvc plots`) and metrics/compare.md (every score, and examples).
+Reads metrics/{baseline,adapter}.json, data/predictions/{baseline,adapter}.jsonl and the training curves DVCLive
+wrote under metrics/curves/; writes metrics/compare.json (ROUGE-L of both and the gain: what `dvc exp show`
+compares experiments by), metrics/compare_rouge.json (`dvc plots`), metrics/compare.md (every score, and examples)
+and, beside it, metrics/plots/rouge.png and metrics/plots/loss.png: the report's figures as PNG files, so that it
+reads with its plots in any Markdown viewer, offline (`dvc plots show` draws with Vega-Lite, fetched from the web).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import html
+import io
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stages.curves import CURVES
 from stages.errors import PipelineError, run_stage
-from stages.files import atomic_file, read_jsonl, write_json
+from stages.files import atomic_dir, atomic_file, read_jsonl, write_json
 from stages.scoring import ROUGE_KEYS
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,19 @@ PREDICTION_FILES = {model: Path(f"data/predictions/{model}.jsonl") for model in 
 COMPARE_JSON = Path("metrics/compare.json")
 COMPARE_PLOT = Path("metrics/compare_rouge.json")
 COMPARE_REPORT = Path("metrics/compare.md")
+PLOTS = COMPARE_REPORT.parent / "plots"  # the report's images; linked from it by relative paths
+LOSS_IMAGE = "loss.png"
+ROUGE_IMAGE = "rouge.png"
+# DVCLive's tables (step, loss) of the train stage: the training loss every training.logging_steps steps, the
+# validation loss every training.eval_steps steps and at the end. Either is absent when it was never logged.
+LOSS_CURVES = {
+    "training": Path(CURVES) / "plots" / "metrics" / "loss.tsv",
+    "validation": Path(CURVES) / "plots" / "metrics" / "eval" / "loss.tsv",
+}
+MISSING_CURVE = {
+    "training": "fewer optimizer steps than `training.logging_steps`, or training ran without dvclive",
+    "validation": "no validation split, or training ran without dvclive",
+}
 
 COMPARED_KEYS = (*ROUGE_KEYS, "gen_len_mean")
 ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
@@ -58,6 +77,16 @@ class Example:
     @property
     def gain(self) -> float:
         return self.adapter_rouge_l - self.baseline_rouge_l
+
+
+@dataclasses.dataclass(frozen=True)
+class Chart:
+    """One figure of the report: its title, its image file under PLOTS (None when there was nothing to draw)
+    and a line said under it (why it is missing, or what part of it is)."""
+
+    title: str
+    image: str | None
+    note: str = ""
 
 
 def compare_metrics(baseline: dict, adapter: dict) -> dict:
@@ -141,8 +170,9 @@ def _with_label(example: Example, position: int, last: int) -> Example:
     return dataclasses.replace(example, label=label)
 
 
-def render_report(comparison: dict, examples: list[Example]) -> str:
-    """The Markdown report: the metrics table, then a few examples from both models side by side."""
+def render_report(comparison: dict, examples: list[Example], charts: Sequence[Chart] = ()) -> str:
+    """The Markdown report: the metrics table, the charts (linked images, or why one is missing), then a few
+    examples from both models side by side."""
     lines = [
         "# Fine-tuned adapter vs. base model",
         "",
@@ -153,12 +183,13 @@ def render_report(comparison: dict, examples: list[Example]) -> str:
     ]
     for key in ROUGE_KEYS:
         baseline, adapter, delta = (100 * comparison[part][key] for part in ("baseline", "adapter", "delta"))
-        lines.append(f"| {ROUGE_NAMES[key]} | {baseline:.2f} | {adapter:.2f} | {_signed(delta, 2)} |")
+        lines.append(f"| {ROUGE_NAMES[key]} | {baseline:.2f} | {adapter:.2f} | {signed(delta, 2)} |")
     baseline, adapter, delta = (comparison[part]["gen_len_mean"] for part in ("baseline", "adapter", "delta"))
     lines += [
-        f"| mean generated length | {baseline:.1f} | {adapter:.1f} | {_signed(delta, 1)} |",
+        f"| mean generated length | {baseline:.1f} | {adapter:.1f} | {signed(delta, 1)} |",
         "",
         f"Test examples: {comparison['examples']}",
+        *_chart_lines(charts),
         "",
         "## Example predictions",
         "",
@@ -172,7 +203,7 @@ def render_report(comparison: dict, examples: list[Example]) -> str:
             f"### {example.label.capitalize()}{_note(example.label)}: `{example.id}`",
             "",
             f"ROUGE-L {100 * example.baseline_rouge_l:.2f} → {100 * example.adapter_rouge_l:.2f} "
-            f"({_signed(100 * example.gain, 2)})",
+            f"({signed(100 * example.gain, 2)})",
             "",
             f"{fence}text",
             _truncate(example.dialogue, DIALOGUE_CHARS),
@@ -186,11 +217,28 @@ def render_report(comparison: dict, examples: list[Example]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _chart_lines(charts: Sequence[Chart]) -> list[str]:
+    """The Plots section: each chart as an image linked relative to the report (plots/...), so the report and its
+    images move together; a chart that was not drawn is a line saying why."""
+    if not charts:
+        return []
+    folder = PLOTS.relative_to(COMPARE_REPORT.parent).as_posix()
+    lines = ["", "## Plots"]
+    for chart in charts:
+        if chart.image is None:
+            lines += ["", f"**{chart.title}:** not drawn. {chart.note}"]
+            continue
+        lines += ["", f"![{chart.title}]({folder}/{chart.image})"]
+        if chart.note:
+            lines += ["", chart.note]
+    return lines
+
+
 def _note(label: str) -> str:
     return f" ({LABEL_NOTES[label]})" if label in LABEL_NOTES else ""
 
 
-def _signed(value: float, decimals: int) -> str:
+def signed(value: float, decimals: int) -> str:
     rounded = round(value, decimals) or 0.0  # no "-0.00"
     return f"{rounded:+.{decimals}f}"
 
@@ -219,7 +267,7 @@ def _require(path: Path, model: str) -> None:
         )
 
 
-def _load_metrics(model: str) -> dict:
+def load_metrics(model: str) -> dict:
     path = METRICS_FILES[model]
     _require(path, model)
     try:
@@ -252,6 +300,96 @@ def _load_predictions(model: str) -> list[dict]:
     return rows
 
 
+def read_curve(path: Path) -> list[tuple[int, float]]:
+    """The (step, loss) points of a DVCLive table, by step; none when the file is absent. A step logged twice (a
+    run resumed from a checkpoint older than its last log) keeps the later value, the one the resumed run logged."""
+    if not path.is_file():
+        return []
+    points: dict[int, float] = {}
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        columns = reader.fieldnames or []
+        if not {"step", "loss"} <= set(columns):
+            raise PipelineError(f"{path} has no `step` and `loss` columns (found: {', '.join(columns) or 'none'}); "
+                                "re-run `dvc repro --force train` to rewrite the curves")
+        for number, row in enumerate(reader, 2):
+            try:
+                points[int(row["step"])] = float(row["loss"])
+            except (TypeError, ValueError):
+                raise PipelineError(f"{path}:{number}: step {row['step']!r} and loss {row['loss']!r} should be "
+                                    "numbers; re-run `dvc repro --force train` to rewrite the curves") from None
+    return sorted(points.items())
+
+
+def _png(figure: Any) -> bytes:
+    """A matplotlib Figure as PNG bytes, drawn by the Agg canvas (no display, no pyplot state), without the
+    version stamp matplotlib puts in the metadata, so the file holds the image alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _figure() -> Any:
+    from matplotlib.figure import Figure  # imported here: only drawing needs it, not the stages importing this
+
+    return Figure(figsize=(7, 4), dpi=100, layout="constrained")
+
+
+def loss_png(curves: dict[str, list[tuple[int, float]]]) -> bytes:
+    """Training loss (a line) and validation loss (points, logged less often) over optimizer steps."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    for name, style in (("training", {"linewidth": 1.5}), ("validation", {"marker": "o", "linewidth": 1.5})):
+        if curves.get(name):
+            steps, losses = zip(*curves[name], strict=True)
+            axes.plot(steps, losses, label=f"{name} loss", **style)
+    axes.set(title="Training and validation loss", xlabel="optimizer step",
+             ylabel="loss (mean over summary tokens)")
+    axes.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return _png(figure)
+
+
+def rouge_png(comparison: dict) -> bytes:
+    """Each ROUGE score of both models as a pair of bars, in percent, with its value on the bar."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    width = 0.38
+    highest = 0.0
+    for offset, model, label in ((-width / 2, "baseline", "baseline"), (width / 2, "adapter", "fine-tuned")):
+        scores = [100 * comparison[model][key] for key in ROUGE_KEYS]
+        bars = axes.bar([i + offset for i in range(len(ROUGE_KEYS))], scores, width, label=label)
+        axes.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+        highest = max(highest, *scores)
+    axes.set_xticks(range(len(ROUGE_KEYS)), [ROUGE_NAMES[key] for key in ROUGE_KEYS])
+    axes.set(title=f"ROUGE F1 on {comparison['examples']} test examples", ylabel="percent",
+             ylim=(0, max(1.0, 1.12 * highest)))  # from 0, with room for the labels above the tallest bar
+    figure.legend(loc="outside lower center", ncols=2)  # below the axes, where no bar can be
+    return _png(figure)
+
+
+def draw_charts(comparison: dict, curves: dict[str, list[tuple[int, float]]]) -> tuple[dict[str, bytes], list[Chart]]:
+    """The report's images (file name -> PNG bytes) and its charts; the loss chart says which curve is missing."""
+    images = {ROUGE_IMAGE: rouge_png(comparison)}
+    charts = [Chart("ROUGE, baseline vs fine-tuned", ROUGE_IMAGE)]
+    notes = [f"No {name} loss was logged ({LOSS_CURVES[name]} is absent: {MISSING_CURVE[name]})."
+             for name in LOSS_CURVES if not curves.get(name)]
+    if len(notes) < len(LOSS_CURVES):
+        images[LOSS_IMAGE] = loss_png(curves)
+    charts.append(Chart("Training and validation loss", LOSS_IMAGE if LOSS_IMAGE in images else None, " ".join(notes)))
+    return images, charts
+
+
+def write_images(images: dict[str, bytes]) -> None:
+    """All the report's images at once into PLOTS, which they replace whole: no image of an earlier run stays."""
+    with atomic_dir(PLOTS) as tmp:
+        for name, data in images.items():
+            (tmp / name).write_bytes(data)
+
+
 def _rounded(data: Any) -> Any:
     if isinstance(data, float):
         return round(data, 6)
@@ -263,23 +401,23 @@ def _rounded(data: Any) -> Any:
 
 
 def main() -> None:
-    metrics = {model: _load_metrics(model) for model in MODELS}
+    metrics = {model: load_metrics(model) for model in MODELS}
     predictions = {model: _load_predictions(model) for model in MODELS}
     comparison = compare_metrics(metrics["baseline"], metrics["adapter"])
     examples = pick_examples(predictions["baseline"], predictions["adapter"])
+    images, charts = draw_charts(comparison, {name: read_curve(path) for name, path in LOSS_CURVES.items()})
     write_json(COMPARE_JSON, _rounded(headline(comparison)))
     write_json(COMPARE_PLOT, _rounded(rouge_plot_rows(comparison)))
+    write_images(images)
     with atomic_file(COMPARE_REPORT) as f:
-        f.write(render_report(comparison, examples))
+        f.write(render_report(comparison, examples, charts))
     log.info(
-        "ROUGE-L on %d test examples: baseline %.2f, fine-tuned %.2f (%s); wrote %s, %s and %s",
+        "ROUGE-L on %d test examples: baseline %.2f, fine-tuned %.2f (%s); wrote %s",
         comparison["examples"],
         100 * comparison["baseline"]["rougeL"],
         100 * comparison["adapter"]["rougeL"],
-        _signed(100 * comparison["delta"]["rougeL"], 2),
-        COMPARE_JSON,
-        COMPARE_PLOT,
-        COMPARE_REPORT,
+        signed(100 * comparison["delta"]["rougeL"], 2),
+        ", ".join(map(str, (COMPARE_JSON, COMPARE_PLOT, COMPARE_REPORT, *(PLOTS / name for name in images)))),
     )
 
 

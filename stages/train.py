@@ -231,15 +231,15 @@ def file_mb(path: str | Path) -> float:
 
 
 def check_num_processes(params: Params) -> None:
-    """Each batch is split evenly between the processes: the batch sizes must divide by their number."""
+    """Each training batch is split evenly between the processes: its size must divide by their number. (The
+    validation loss shares out examples, not batches: any per_device_eval_batch_size works.)"""
     t = params.training
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size"):
-        size = getattr(t, key)
-        if size % t.num_processes:
-            raise PipelineError(
-                f"params.yaml: training.{key} ({size}) must divide by training.num_processes ({t.num_processes}): "
-                f"each batch is split evenly between the processes; set it to a multiple of {t.num_processes}"
-            )
+    if t.per_device_train_batch_size % t.num_processes:
+        raise PipelineError(
+            f"params.yaml: training.per_device_train_batch_size ({t.per_device_train_batch_size}) must divide by "
+            f"training.num_processes ({t.num_processes}): each batch is split evenly between the processes; set it "
+            f"to a multiple of {t.num_processes}"
+        )
     launch.check_devices(t.num_processes)
 
 
@@ -308,6 +308,7 @@ def train(params: Params) -> None:
     with atomic_dir(ADAPTER) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's empty card template; the card stage writes the card
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     resumed_step = checkpoint_step(resume_from) if resume_from else 0
     # Short names: `dvc exp show` opens with these columns, and a terminal is 160 characters wide.

@@ -19,7 +19,7 @@ from benchmarks.samsum_size import build_splits, template_lengths
 from conftest import TINY_MODEL
 from stages.params import PromptParams
 
-HEADER_KEYS = {"benchmark", "date", "device", "versions", "peak_memory", "config", "results"}
+HEADER_KEYS = {"benchmark", "date", "device", "gpus", "versions", "peak_memory", "source", "config", "results"}
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_bench_loop_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     train = next(row for row in job["stages"] if row["stage"] == "train")
     assert train["steps"] == 4 and 0 < train["work_s"] < train["process_s"]
     assert job["tokens"]["train"]["examples"] == 96
-    assert rerun["ran"] == ["train", "evaluate_adapter", "compare"]
+    assert rerun["ran"] == ["train", "evaluate_adapter", "compare", "card"]
     assert sorted(rerun["skipped"]) == ["evaluate_baseline", "prepare", "tokenize_mask"]
     assert sweep["experiments_expected"] == 2 and sweep["all_listed_with_metrics"] and sweep["jobs"] == 2
     assert sorted(e["lora.r"] for e in sweep["experiments"]) == [4, 16]

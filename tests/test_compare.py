@@ -221,3 +221,102 @@ def test_main_rejects_rouge_in_percent(tmp_path, monkeypatch):
 
     with pytest.raises(PipelineError, match="`rougeL` is 20.0, not a fraction"):
         compare.main()
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TRAIN_CURVE = "step\tloss\n10\t2.31\n20\t1.87\n30\t1.52\n40\t1.44\n"
+EVAL_CURVE = "step\tloss\n20\t1.95\n40\t1.61\n"
+
+
+def write_curves(root: Path, train: str | None = TRAIN_CURVE, validation: str | None = EVAL_CURVE) -> None:
+    for name, text in (("training", train), ("validation", validation)):
+        if text is not None:
+            path = root / compare.LOSS_CURVES[name]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 5000, (path, len(data))
+    assert b"IEND" in data[-12:]  # the image is complete
+
+
+def linked_images(report: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+
+
+def test_read_curve_sorts_by_step_and_keeps_the_last_value_of_a_step(tmp_path):
+    curve = tmp_path / "loss.tsv"
+    curve.write_text("step\tloss\n20\t1.5\n10\t2.0\n30\t1.2\n20\t1.4\n")  # 20 again: a resumed run logged it anew
+
+    assert compare.read_curve(curve) == [(10, 2.0), (20, 1.4), (30, 1.2)]
+    assert compare.read_curve(tmp_path / "absent.tsv") == []
+
+
+def test_read_curve_names_the_file_when_it_is_not_a_loss_table(tmp_path):
+    curve = tmp_path / "loss.tsv"
+    curve.write_text("step\tlearning_rate\n1\t0.1\n")
+    with pytest.raises(PipelineError, match="loss.tsv has no `step` and `loss` columns .*learning_rate"):
+        compare.read_curve(curve)
+    curve.write_text("step\tloss\n1\tabc\n")
+    with pytest.raises(PipelineError, match=r"loss.tsv:2: step '1' and loss 'abc' should be numbers"):
+        compare.read_curve(curve)
+
+
+def test_main_draws_loss_and_rouge_images_and_links_them_from_the_report(tmp_path, monkeypatch):
+    write_inputs(tmp_path)
+    write_curves(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    compare.main()
+
+    assert_png(Path("metrics/plots/loss.png"))
+    assert_png(Path("metrics/plots/rouge.png"))
+    report = Path("metrics/compare.md").read_text()
+    assert linked_images(report) == ["plots/rouge.png", "plots/loss.png"]
+    for link in linked_images(report):  # relative to the report, so they resolve wherever the folder is copied
+        assert (Path("metrics") / link).is_file()
+    assert "not drawn" not in report and "No validation loss" not in report
+    assert report.index("## Plots") < report.index("## Example predictions")
+
+
+def test_without_curves_the_report_says_so_and_no_old_loss_image_stays(tmp_path, monkeypatch):
+    write_inputs(tmp_path)
+    stale = tmp_path / "metrics/plots/loss.png"  # from an earlier run that had curves
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(PNG_SIGNATURE)
+    monkeypatch.chdir(tmp_path)
+
+    compare.main()
+
+    assert not stale.exists()
+    assert_png(Path("metrics/plots/rouge.png"))
+    report = Path("metrics/compare.md").read_text()
+    assert linked_images(report) == ["plots/rouge.png"]
+    assert "**Training and validation loss:** not drawn. No training loss was logged " \
+           "(metrics/curves/plots/metrics/loss.tsv is absent" in report
+    assert "No validation loss was logged (metrics/curves/plots/metrics/eval/loss.tsv is absent" in report
+
+
+def test_training_curve_alone_is_drawn_and_the_missing_validation_curve_is_said(tmp_path, monkeypatch):
+    write_inputs(tmp_path)
+    write_curves(tmp_path, validation=None)
+    monkeypatch.chdir(tmp_path)
+
+    compare.main()
+
+    assert_png(Path("metrics/plots/loss.png"))
+    report = Path("metrics/compare.md").read_text()
+    assert linked_images(report) == ["plots/rouge.png", "plots/loss.png"]
+    assert "No validation loss was logged (metrics/curves/plots/metrics/eval/loss.tsv is absent: no validation " \
+           "split" in report
+
+
+def test_images_are_the_same_bytes_for_the_same_inputs():
+    comparison = compare_metrics(BASELINE, ADAPTER)
+    curves = {"training": [(10, 2.0), (20, 1.5)], "validation": [(20, 1.7)]}
+
+    assert compare.rouge_png(comparison) == compare.rouge_png(comparison)
+    assert compare.loss_png(curves) == compare.loss_png(curves)
+    assert b"Matplotlib version" not in compare.loss_png(curves)  # matplotlib's default stamp in the metadata

@@ -14,7 +14,7 @@ import yaml
 from conftest import ROOT, dvc_env, git, make_project, offline_params, run_dvc
 
 pytestmark = pytest.mark.slow
-STAGES = ["prepare", "tokenize_mask", "train", "evaluate_baseline", "evaluate_adapter", "compare"]
+STAGES = ["prepare", "tokenize_mask", "train", "evaluate_baseline", "evaluate_adapter", "compare", "card"]
 ROUGE = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
 
 
@@ -83,8 +83,8 @@ def offline_run(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-KEY_METRICS = ["train_loss", "eval_loss", "tokens_per_s", "peak_memory_gib", "runtime_s", "rougeL.base",
-               "rougeL.tuned", "rougeL.gain"]
+KEY_METRICS = ["train_loss", "eval_loss", "tokens_per_s", "peak_memory_gib", "runtime_s", "processes",
+               "rougeL.base", "rougeL.tuned", "rougeL.gain"]
 
 
 def test_offline_pipeline_end_to_end(tmp_path):
@@ -134,7 +134,7 @@ def test_offline_pipeline_end_to_end(tmp_path):
 
     # The README's experiment commands work as written on the profile: no wrapper, no network settings.
     r16 = run_dvc(repo, "exp", "run", "-S", "lora.r=16", env={**dvc_env(repo), "HF_HUB_OFFLINE": "0"})
-    assert ran(r16.stdout) == ["train", "evaluate_adapter", "compare"]
+    assert ran(r16.stdout) == ["train", "evaluate_adapter", "compare", "card"]
     assert sorted(skipped(r16.stdout)) == ["evaluate_baseline", "prepare", "tokenize_mask"]
     assert read_json(repo / "models/adapter/adapter_config.json")["r"] == 16
 
@@ -144,7 +144,7 @@ def test_offline_pipeline_end_to_end(tmp_path):
     assert diff["metrics/compare.json"]["rougeL.base"]["diff"] == 0
     assert diff["metrics/compare.json"]["rougeL.tuned"]["diff"] != 0
     assert set(diff["metrics/train.json"]) == {"train_loss", "eval_loss", "tokens_per_s", "peak_memory_gib",
-                                               "runtime_s"}
+                                               "runtime_s", "processes"}
 
     # In a terminal, `dvc exp show` pages the table at its full width; the first 160 columns (what a normal
     # terminal shows before scrolling) hold every key metric, unabridged. `--only-changed` keeps the params that

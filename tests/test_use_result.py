@@ -1,0 +1,152 @@
+"""Using the adapter: `stages.summarize` on your own dialogues and `stages.export`'s merged folder, on the tiny model,
+against what evaluate_adapter generates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import TINY_MODEL, offline_params
+
+DIALOGUES = [
+    "Anna: Lunch at 1?\nTom: Sure, see you at the usual place.",
+    "Zoë: Can you feed the cat this weekend? I'm away until Sunday evening.\nJosé: Of course, leave the key.",
+    "Mia: Running late, sorry!\nLeo: No worries, I'll order for you.",
+]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A folder with the offline profile's params and an adapter whose update is not zero (a fresh LoRA adapter
+    leaves the model unchanged, which would prove nothing)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("use")
+    params = offline_params(eval={"max_new_tokens": 12, "batch_size": 2})
+    params["model"]["base_model"] = str(TINY_MODEL)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    base = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(root / "models/adapter")
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(project) -> list[str]:
+    """What evaluate_adapter's code path generates for DIALOGUES."""
+    from stages.evaluate import generate, load_for_generation, stop_token_ids
+    from stages.modeling import choose_device, load_tokenizer
+    from stages.params import load_params
+    from stages.prompt import generation_prompt_ids
+
+    params = load_params(project / "params.yaml")
+    policy = choose_device(params.quantization)
+    tokenizer = load_tokenizer(params.model)
+    model = load_for_generation(params, policy, str(project / "models/adapter"))
+    prompts = [generation_prompt_ids(tokenizer, params.prompt.instruction, d, params.prompt.date_string)
+               for d in DIALOGUES]
+    stops = stop_token_ids(tokenizer, model, params.prompt.date_string)
+    return [g.text for g in generate(model, tokenizer, prompts, params.eval.max_new_tokens, params.eval.batch_size,
+                                     stops)]
+
+
+def test_summarize_one_dialogue_from_a_file_or_stdin(project, evaluated, monkeypatch, capsys):
+    from stages import summarize
+
+    monkeypatch.chdir(project)
+    (project / "one.txt").write_text(DIALOGUES[1] + "\n")
+    summarize.main(["one.txt"])
+    assert capsys.readouterr().out == evaluated[1] + "\n"
+    summarize.main(["one.txt", "--base"])  # the untuned base says something else
+    assert capsys.readouterr().out not in ("", evaluated[1] + "\n")
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(DIALOGUES[2]))
+    summarize.main(["-"])
+    assert capsys.readouterr().out == evaluated[2] + "\n"
+
+
+def test_summarize_many_keeps_ids_and_order(project, evaluated, monkeypatch, capsys):
+    from stages import summarize
+
+    monkeypatch.chdir(project)
+    records = [{"id": f"d{i}", "dialogue": d} for i, d in enumerate(DIALOGUES)]
+    (project / "many.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summarize.main(["many.jsonl", "-o", "out/summaries.jsonl"])
+    written = [json.loads(line) for line in (project / "out/summaries.jsonl").read_text().splitlines()]
+    assert written == [{**r, "summary": s} for r, s in zip(records, evaluated, strict=True)]
+    (project / "many.json").write_text(json.dumps(DIALOGUES))  # a JSON list of plain strings
+    summarize.main(["many.json"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["summary"] for p in printed] == evaluated and [p["id"] for p in printed] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("missing.txt", None, "missing.txt does not exist: give a text file, a .json/.jsonl file, or - for stdin"),
+    ("bad.jsonl", '{"dialogue": "A: hi"}\n{"dialogue": \n', "bad.jsonl:2: not valid JSON"),
+    ("nokey.jsonl", '{"text": "A: hi"}\n', "nokey.jsonl:1: expected an object with a text 'dialogue' key"),
+    ("empty.txt", "  \n", "empty.txt: dialogue 0 is empty; give the conversation text"),
+    ("dict.json", '{"dialogue": "A: hi"}', "dict.json: expected a JSON list of dialogues"),
+])
+def test_summarize_bad_input_is_named(project, monkeypatch, name, content, message):
+    from stages.errors import PipelineError
+    from stages.summarize import read_dialogues
+
+    monkeypatch.chdir(project)
+    if content is not None:
+        (project / name).write_text(content)
+    with pytest.raises(PipelineError) as err:
+        read_dialogues(name, "dialogue", "id")
+    assert str(err.value).startswith(message)
+
+
+def test_export_writes_a_plain_transformers_model_that_generates_what_was_evaluated(project, evaluated,
+                                                                                       monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from stages import export
+    from stages.evaluate import generate, stop_token_ids
+    from stages.modeling import load_tokenizer
+    from stages.params import load_params
+    from stages.prompt import generation_prompt_ids
+
+    monkeypatch.chdir(project)
+    export.main(["--out", "merged32", "--dtype", "float32"])
+    folder = project / "merged32"
+    assert not (folder / "adapter_config.json").exists()
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    weights = load_file(folder / "model.safetensors")
+    assert not any("lora" in name for name in weights) and {t.dtype for t in weights.values()} == {torch.float32}
+    # Loaded with transformers alone, it generates the adapter's summaries.
+    params = load_params()
+    tokenizer = load_tokenizer(params.model.__class__(base_model=str(folder), tokenizer_type=None))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompts = [generation_prompt_ids(tokenizer, params.prompt.instruction, d, params.prompt.date_string)
+               for d in DIALOGUES]
+    stops = stop_token_ids(tokenizer, model, params.prompt.date_string)
+    merged = generate(model, tokenizer, prompts, params.eval.max_new_tokens, params.eval.batch_size, stops)
+    assert [g.text for g in merged] == evaluated
+
+    export.main([])  # the default: bf16 in models/merged
+    assert {t.dtype for t in load_file(project / "models/merged/model.safetensors").values()} == {torch.bfloat16}
+    assert (project / "models/merged/tokenizer.json").is_file()
+
+
+def test_export_refuses_to_overwrite_the_adapter(project, monkeypatch):
+    from stages import export
+    from stages.errors import PipelineError
+
+    monkeypatch.chdir(project)
+    with pytest.raises(PipelineError, match="is the adapter folder"):
+        export.main(["--out", "models/adapter/"])
