@@ -41,7 +41,7 @@ def split_stats(rows_in: int, usable: int, used: int) -> dict:
 
 FILES = {
     "metrics/train.json": {"train_loss": 1.3579, "eval_loss": 1.4682, "tokens_per_s": 55161.3,
-                           "peak_memory_gib": 11.412, "runtime_s": 243.91, "processes": 2},
+                           "peak_memory_gib": 11.412, "runtime_s": 243.91},
     "metrics/train_run.json": {"steps": 921, "epochs": 1.0, "resumed_from_step": 0, "train_tokens": 3137402,
                                "trainable_params": 851968, "total_params": 1236666368, "trainable_percent": 0.0689,
                                "adapter_mb": 3.415, "device": "cuda", "compute_dtype": "bfloat16",

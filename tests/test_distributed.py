@@ -82,8 +82,8 @@ def test_two_processes_train_as_one(prepared, tmp_path, layout):
         assert losses_two[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
     metrics_one, metrics_two = (json.loads((r / "metrics/train.json").read_text()) for r in (one, two))
     assert metrics_two["eval_loss"] == pytest.approx(metrics_one["eval_loss"], rel=1e-5)
-    assert (metrics_one["processes"], metrics_two["processes"]) == (1, 2)
     facts_one, facts_two = (json.loads((r / "metrics/train_run.json").read_text()) for r in (one, two))
+    assert (facts_one["num_processes"], facts_two["num_processes"]) == (1, 2)
     assert facts_two["train_tokens"] == facts_one["train_tokens"]  # all processes' tokens, counted once
     assert len(facts_two["peak_memory_gib_per_process"]) == 2
     assert metrics_two["peak_memory_gib"] == max(facts_two["peak_memory_gib_per_process"])
