@@ -5,6 +5,8 @@
 
 The baseline is the untuned base model asked zero-shot with the same prompt; the adapter run loads
 models/adapter/ on top of the same base. Writes metrics/<which>.json and data/predictions/<which>.jsonl.
+With training.num_processes = N > 1 the generation runs in N processes (one per GPU, stages/launch.py), each
+taking whole batches of the one-process plan, so the predictions are the same bytes as one process writes.
 """
 
 from __future__ import annotations
