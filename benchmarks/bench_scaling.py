@@ -164,8 +164,6 @@ def measure_run(run: Run, config: Path) -> dict[str, Any]:
 def work(config: Path) -> dict[str, Any] | None:
     """One process's share of a run: train, then gather every process's numbers; the main process combines them,
     writes them to run.result and returns them (the others return None)."""
-    from stages.train import gather  # imported here, as bench_train imports the train stage: for its dependencies
-
     run = Run.load(config)
     launch.quiet_replicas()
     if torch.cuda.is_available():  # before anything touches CUDA: this process's GPU, not GPU 0
@@ -175,7 +173,7 @@ def work(config: Path) -> dict[str, Any] | None:
     bench = Bench(Path(run.model_dir), examples, run.steps, run.warmup, Path(run.scratch), run.overrides)
     share = measure("project", bench, tokenizer.pad_token_id)
     share["threads"] = torch.get_num_threads()
-    shares = gather([share])
+    shares = launch.gather([share])
     if not launch.is_main():
         return None
     result = combine(run, shares)

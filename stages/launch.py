@@ -97,6 +97,27 @@ def one_gpu_per_process(args) -> None:
         args._n_gpu = 1  # read by the Trainer through args.n_gpu; there is no public setter
 
 
+def check_training_processes(training) -> None:
+    """Each training batch is split evenly between the processes: its size must divide by their number (the
+    validation loss shares out examples, not batches: any per_device_eval_batch_size works); one GPU each."""
+    size, n = training.per_device_train_batch_size, training.num_processes
+    if size % n:
+        raise PipelineError(
+            f"params.yaml: training.per_device_train_batch_size ({size}) must divide by training.num_processes ({n}): "
+            f"each batch is split evenly between the processes; set it to a multiple of {n}"
+        )
+    check_devices(n)
+
+
+def gather(values: list) -> list:
+    """`values` of every process, in rank order (just `values` in a run of one process)."""
+    if not in_worker():
+        return values
+    from accelerate.utils import gather_object
+
+    return gather_object(values)
+
+
 class WorkerFailed(PipelineError):
     """A worker process failed; the launcher has stopped the others."""
 

@@ -230,23 +230,10 @@ def file_mb(path: str | Path) -> float:
     return Path(path).stat().st_size / 1e6
 
 
-def check_num_processes(params: Params) -> None:
-    """Each training batch is split evenly between the processes: its size must divide by their number. (The
-    validation loss shares out examples, not batches: any per_device_eval_batch_size works.)"""
-    t = params.training
-    if t.per_device_train_batch_size % t.num_processes:
-        raise PipelineError(
-            f"params.yaml: training.per_device_train_batch_size ({t.per_device_train_batch_size}) must divide by "
-            f"training.num_processes ({t.num_processes}): each batch is split evenly between the processes; set it "
-            f"to a multiple of {t.num_processes}"
-        )
-    launch.check_devices(t.num_processes)
-
-
 def launch_workers(params: Params) -> None:
     """Train as training.num_processes data-parallel processes: the checkpoint folder is prepared here, once, and the
     workers (this module again, under accelerate's launcher) train from it."""
-    check_num_processes(params)
+    launch.check_training_processes(params.training)
     if not Path(TOKENIZED).is_dir():
         raise PipelineError(f"{TOKENIZED} not found: run `dvc repro tokenize_mask` first")
     resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))
@@ -301,7 +288,7 @@ def train(params: Params) -> None:
     for callback in callbacks:
         callback.live.end()
     # Every process's peak and passes, gathered on all of them.
-    per_process = gather([(round(peak_memory_gib(), 3), trainer.passes)])
+    per_process = launch.gather([(round(peak_memory_gib(), 3), trainer.passes)])
     if not launch.is_main():
         return
 
@@ -352,15 +339,6 @@ def train(params: Params) -> None:
         },
     )
     log.info("adapter saved to %s", ADAPTER)
-
-
-def gather(values: list) -> list:
-    """`values` of every process, in rank order (just `values` in a run of one process)."""
-    if not launch.in_worker():
-        return values
-    from accelerate.utils import gather_object
-
-    return gather_object(values)
 
 
 if __name__ == "__main__":

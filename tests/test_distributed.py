@@ -201,22 +201,21 @@ def test_bad_process_counts_are_named_with_the_fix(monkeypatch):
     from stages import launch
     from stages.errors import PipelineError
     from stages.params import parse_params
-    from stages.train import check_num_processes
 
     with pytest.raises(PipelineError, match=r"params.yaml: training.num_processes is 0; expected an integer > 0"):
         parse_params({"training": {"num_processes": 0}})
     params = parse_params({"training": {"num_processes": 3}})
     with pytest.raises(PipelineError) as err:
-        check_num_processes(params)
+        launch.check_training_processes(params.training)
     assert str(err.value) == (
         "params.yaml: training.per_device_train_batch_size (16) must divide by training.num_processes (3): each "
         "batch is split evenly between the processes; set it to a multiple of 3")
-    check_num_processes(replace(params, training=replace(params.training, per_device_train_batch_size=15)))
+    launch.check_training_processes(replace(params.training, per_device_train_batch_size=15))
     # One process per GPU: a machine with one GPU cannot run two (no accelerate config spreads them over machines).
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(launch, "accelerate_config_file", lambda: None)
     with pytest.raises(PipelineError) as err:
-        check_num_processes(parse_params({"training": {"num_processes": 2}}))
+        launch.check_training_processes(parse_params({"training": {"num_processes": 2}}).training)
     assert str(err.value) == ("params.yaml: training.num_processes is 2 but this machine has 1 GPU; set it to at "
                               "most 1 (`dvc exp run -S training.num_processes=1`)")
