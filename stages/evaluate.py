@@ -200,7 +200,7 @@ def evaluate(which: str, parts: str | None = None) -> None:
         raise PipelineError(f"{TEST} has no rows: re-run `dvc repro prepare`")
     if which == "adapter":
         check_adapter()
-    processes = params.training.num_processes
+    processes = launch.local_processes(params.training.num_processes)
     if launch.in_worker():
         if parts is None:
             raise PipelineError("a worker of several evaluation processes needs --parts (it is started by the stage)")
@@ -269,7 +269,8 @@ def generate_in_processes(which: str, processes: int, count: int) -> list[Genera
     folder = Path(PREDICTIONS.format(which=which)).parent
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{which}-parts-") as parts:
-        launch.launch("stages.evaluate", [which, "--parts", parts], processes, f"evaluation ({which})")
+        launch.launch("stages.evaluate", [which, "--parts", parts], processes, f"evaluation ({which})",
+                      this_machine=True)
         results: dict[int, Generation] = {}
         for part in sorted(Path(parts).glob("*.jsonl")):
             for record in read_jsonl(part):

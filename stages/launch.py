@@ -5,9 +5,10 @@ with `accelerate launch --multi_gpu` (torch's elastic launcher underneath): one 
 processes on a machine without CUDA. The copies are the workers; the launching process waits for them, and when
 any of them fails the launcher stops the others and this module turns the failure into one line.
 
-Several machines: run `accelerate config` on each (this machine's rank, the number of machines, the main
-process's address and port); the launcher reads that file, and training.num_processes is then the number of
-processes on all machines together (README, Several GPUs).
+Several machines (training): run `accelerate config` on each (this machine's rank, the number of machines, the
+main process's address and port); the launcher reads that file, and training.num_processes is then the number of
+processes on all machines together (README, Several GPUs). Evaluation merges its parts on one machine, so it
+runs on this machine's GPUs alone (local_processes).
 """
 
 from __future__ import annotations
@@ -66,14 +67,23 @@ def accelerate_config_file() -> Path | None:
     return path if path.is_file() else None
 
 
-def machines() -> int:
-    """How many machines the processes are spread over: accelerate's config says, else one."""
+def _config_value(name: str, default: int) -> int:
     path = accelerate_config_file()
     if path is None:
-        return 1
+        return default
     from accelerate.commands.config.config_args import load_config_from_file
 
-    return int(getattr(load_config_from_file(str(path)), "num_machines", 1) or 1)
+    return int(getattr(load_config_from_file(str(path)), name, default) or default)
+
+
+def machines() -> int:
+    """How many machines the processes are spread over: accelerate's config says, else one."""
+    return _config_value("num_machines", 1)
+
+
+def main_machine() -> bool:
+    """Whether this is the machine of rank 0 (the only one, without accelerate's multi-machine config)."""
+    return machines() == 1 or _config_value("machine_rank", 0) == 0
 
 
 def check_devices(num_processes: int, param: str = "training.num_processes") -> None:
@@ -132,9 +142,18 @@ def _describe(failure) -> str:
     return f"exited with code {code}"
 
 
-def launch(module: str, args: list[str], num_processes: int, what: str) -> None:
-    """Run `python -m module *args` as `num_processes` processes and wait for them all. A failure of any raises
-    WorkerFailed naming the first process that failed (its own error line was printed above)."""
+def local_processes(num_processes: int) -> int:
+    """How many processes a stage that runs on this machine alone uses (evaluation: its parts are merged here):
+    training.num_processes on one machine; this machine's GPUs, at most that many, when spread over several."""
+    if machines() == 1:
+        return num_processes
+    return max(1, min(num_processes, torch.cuda.device_count()))
+
+
+def launch(module: str, args: list[str], num_processes: int, what: str, this_machine: bool = False) -> None:
+    """Run `python -m module *args` as `num_processes` processes and wait for them all; `this_machine`: on this
+    machine only, whatever accelerate's config says. A failure of any raises WorkerFailed naming the first process
+    that failed (its own error line was printed above)."""
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -142,8 +161,8 @@ def launch(module: str, args: list[str], num_processes: int, what: str) -> None:
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # CPU processes share the cores (the launcher would give each one thread).
         argv += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // num_processes))]
-    if accelerate_config_file() is None:  # one machine: the launcher's defaults, said here instead of warned about
-        argv += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    if accelerate_config_file() is None or this_machine:  # one machine: the launcher's defaults, said here
+        argv += ["--num_machines", "1", "--machine_rank", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
                  "--main_process_port", "0"]  # 0: a free port, so that queued experiments can run side by side
     argv += ["--module", module, *args]
     log.info("%s: starting %d processes (accelerate launch)", what, num_processes)

@@ -236,9 +236,10 @@ def launch_workers(params: Params) -> None:
     launch.check_training_processes(params.training)
     if not Path(TOKENIZED).is_dir():
         raise PipelineError(f"{TOKENIZED} not found: run `dvc repro tokenize_mask` first")
-    resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))
-    if resume_from:
-        log.info("resuming from %s", resume_from)
+    if launch.main_machine():  # the others share its folder (README, Several GPUs) and must not clear it
+        resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))
+        if resume_from:
+            log.info("resuming from %s", resume_from)
     try:
         launch.launch("stages.train", [], params.training.num_processes, "training")
     except launch.WorkerFailed as err:

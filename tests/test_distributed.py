@@ -219,3 +219,17 @@ def test_bad_process_counts_are_named_with_the_fix(monkeypatch):
         launch.check_training_processes(parse_params({"training": {"num_processes": 2}}).training)
     assert str(err.value) == ("params.yaml: training.num_processes is 2 but this machine has 1 GPU; set it to at "
                               "most 1 (`dvc exp run -S training.num_processes=1`)")
+
+
+def test_evaluation_stays_on_this_machine_when_training_spans_several(monkeypatch):
+    import torch
+
+    from stages import launch
+
+    monkeypatch.setattr(launch, "machines", lambda: 1)
+    assert launch.local_processes(4) == 4
+    monkeypatch.setattr(launch, "machines", lambda: 2)  # accelerate's config spreads training over two machines
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert launch.local_processes(4) == 2 and launch.local_processes(1) == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert launch.local_processes(4) == 1
