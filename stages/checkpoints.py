@@ -64,24 +64,27 @@ def _finished(checkpoint: str) -> bool:
     return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
 
 
+def _last_of_run(fingerprint: str, checkpoints: Path) -> str | None:
+    """The newest complete checkpoint in `checkpoints` if its marker holds `fingerprint`, else None."""
+    marker = checkpoints / RUN_FINGERPRINT
+    same_run = marker.is_file() and _marked_fingerprint(marker) == fingerprint
+    return last_checkpoint(checkpoints) if same_run else None
+
+
 def resumable_checkpoint(fingerprint: str, checkpoints: str | Path = CHECKPOINTS) -> str | None:
     """The newest checkpoint of an interrupted run with the same fingerprint, if any; changes nothing (the workers
     of a run of several processes read it after the launching process prepared the folder)."""
-    checkpoints = Path(checkpoints)
-    marker = checkpoints / RUN_FINGERPRINT
-    same_run = marker.is_file() and _marked_fingerprint(marker) == fingerprint
-    last = last_checkpoint(checkpoints) if same_run else None
+    last = _last_of_run(fingerprint, Path(checkpoints))
     return last if last and not _finished(last) else None
 
 
 def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS) -> str | None:
     """The newest checkpoint of an interrupted run with the same fingerprint; otherwise clear the folder."""
-    resume = resumable_checkpoint(fingerprint, checkpoints)
-    if resume:
-        return resume
     checkpoints = Path(checkpoints)
+    last = _last_of_run(fingerprint, checkpoints)
+    if last and not _finished(last):
+        return last
     marker = checkpoints / RUN_FINGERPRINT
-    last = last_checkpoint(checkpoints) if marker.is_file() and _marked_fingerprint(marker) == fingerprint else None
     if checkpoints.exists():
         if last:
             log.info("%s holds a finished run: training anew", checkpoints)
@@ -101,7 +104,7 @@ def last_checkpoint(checkpoints: str | Path = CHECKPOINTS) -> str | None:
         return None
     complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
                 and (p / "trainer_state.json").is_file()]
-    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+    return str(max(complete, key=lambda p: checkpoint_step(str(p)))) if complete else None
 
 
 def resume_advice(checkpoints: str | Path = CHECKPOINTS) -> str:

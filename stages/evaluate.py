@@ -210,7 +210,7 @@ def evaluate(which: str, parts: str | None = None) -> None:
     if processes > 1:
         generations = generate_in_processes(which, processes, len(rows))
     else:
-        generations = generate_all(which, params, rows)
+        generations = generate_all(params, [r["dialogue"] for r in rows], _adapter_of(which))
     seconds = time.perf_counter() - started
     per_example, metrics = summarize_generations(generations, [r["summary"] for r in rows], seconds)
     metrics["processes"] = processes
@@ -234,27 +234,32 @@ def evaluate(which: str, parts: str | None = None) -> None:
     log.info("%s: %s", which, metrics)
 
 
-def _model_and_prompts(which: str, params: Params, rows: list[dict]) -> tuple:
+def model_and_prompts(params: Params, dialogues: list[str], adapter: str | None) -> tuple:
+    """The model ready for generation (with `adapter`, if given), its tokenizer, the dialogues' prompts and the
+    stop ids: what the evaluation and `stages.summarize` generate with."""
     policy = choose_device(params.quantization)
     log.info("device: %s", policy.reason)
     tokenizer = load_tokenizer(params.model)
-    model = load_for_generation(params, policy, ADAPTER if which == "adapter" else None)
-    prompts = [
-        generation_prompt_ids(tokenizer, params.prompt.instruction, r["dialogue"], params.prompt.date_string)
-        for r in rows
-    ]
+    model = load_for_generation(params, policy, adapter)
+    prompts = [generation_prompt_ids(tokenizer, params.prompt.instruction, d, params.prompt.date_string)
+               for d in dialogues]
     return model, tokenizer, prompts, stop_token_ids(tokenizer, model, params.prompt.date_string)
 
 
-def generate_all(which: str, params: Params, rows: list[dict]) -> list[Generation]:
-    model, tokenizer, prompts, stops = _model_and_prompts(which, params, rows)
+def generate_all(params: Params, dialogues: list[str], adapter: str | None) -> list[Generation]:
+    """Greedy generations for `dialogues` in this process, in their order."""
+    model, tokenizer, prompts, stops = model_and_prompts(params, dialogues, adapter)
     return generate(model, tokenizer, prompts, params.eval.max_new_tokens, params.eval.batch_size, stops)
+
+
+def _adapter_of(which: str) -> str | None:
+    return ADAPTER if which == "adapter" else None
 
 
 def generate_share(which: str, params: Params, rows: list[dict], parts: Path) -> None:
     """One worker's share: its batches of the one-process plan, written to parts/<rank>.jsonl."""
     launch.quiet_replicas()
-    model, tokenizer, prompts, stops = _model_and_prompts(which, params, rows)
+    model, tokenizer, prompts, stops = model_and_prompts(params, [r["dialogue"] for r in rows], _adapter_of(which))
     mine = share_batches(plan_batches(prompts, params.eval.batch_size), prompts, params.eval.max_new_tokens,
                          launch.rank(), launch.world_size())
     results = generate_batches(model, tokenizer, prompts, mine, params.eval.max_new_tokens, stops)

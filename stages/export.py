@@ -35,20 +35,19 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 
 def merged_model(params: Params, adapter: str, dtype: torch.dtype, original: bool) -> torch.nn.Module:
-    """The base (unpacked from 4 bits, or as published) with the adapter merged in, in `dtype`, on the CPU."""
-    from stages.evaluate import load_adapter
-    from stages.modeling import DevicePolicy, load_base_model
+    """The base (unpacked from 4 bits, or as published) with the adapter merged in, in `dtype`, on the CPU: the
+    evaluation's loading path (load_for_generation, with eval.dequantize on)."""
+    from stages.evaluate import load_for_generation
+    from stages.modeling import DevicePolicy
 
-    quantization = params.quantization
-    if original:
-        quantization = dataclasses.replace(quantization, use_4bit=False)
+    quantization = dataclasses.replace(params.quantization, use_4bit=False) if original else params.quantization
+    params = dataclasses.replace(params, quantization=quantization,
+                                 eval=dataclasses.replace(params.eval, dequantize=True))
     # Loaded on the CPU: exporting needs memory for one copy of the weights, not a GPU. bitsandbytes unpacks NF4 on
     # the CPU to the same values as on a GPU (tests/test_train.py compares its paths).
-    policy = DevicePolicy("cpu", dtype, "adamw_torch", False, "export")
-    base = load_base_model(params.model, quantization, policy)
-    if quantization.use_4bit:
-        base = base.dequantize(dtype=dtype)
-    model = load_adapter(base.to(dtype), adapter).merge_and_unload()
+    model = load_for_generation(params, DevicePolicy("cpu", dtype, "adamw_torch", False, "export"), adapter)
+    if hasattr(model, "merge_and_unload"):  # an unquantized base keeps the adapter apart when generating
+        model = model.merge_and_unload()
     return model.to(dtype)
 
 

@@ -84,21 +84,11 @@ def _record(item: object, where: str, column: str, id_column: str, index: int) -
 
 def summarize(params: Params, dialogues: list[str], adapter: str | None) -> list[str]:
     """Greedy summaries of `dialogues` by the base model with `adapter` (None: the base alone), as evaluate does."""
-    from stages.evaluate import check_adapter, generate, load_for_generation, stop_token_ids
-    from stages.modeling import choose_device, load_tokenizer
-    from stages.prompt import generation_prompt_ids
+    from stages.evaluate import check_adapter, generate_all
 
     if adapter:
         check_adapter(adapter)
-    policy = choose_device(params.quantization)
-    log.info("device: %s", policy.reason)
-    tokenizer = load_tokenizer(params.model)
-    model = load_for_generation(params, policy, adapter)
-    prompts = [generation_prompt_ids(tokenizer, params.prompt.instruction, d, params.prompt.date_string)
-               for d in dialogues]
-    stops = stop_token_ids(tokenizer, model, params.prompt.date_string)
-    generations = generate(model, tokenizer, prompts, params.eval.max_new_tokens, params.eval.batch_size, stops)
-    return [g.text for g in generations]
+    return [g.text for g in generate_all(params, dialogues, adapter)]
 
 
 def main(argv: list[str] | None = None) -> None:
