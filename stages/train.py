@@ -20,7 +20,6 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments, set_seed
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_pt_utils import AcceleratorConfig
 
 from stages import attention, launch
@@ -34,6 +33,7 @@ from stages.checkpoints import (
     run_fingerprint,
     train_resuming,
 )
+from stages.compiling import compile_layers
 from stages.curves import curves_callback
 from stages.errors import PipelineError, run_stage
 from stages.files import atomic_dir, write_json
@@ -107,24 +107,6 @@ def checkpointing_on(model: torch.nn.Module) -> bool:
     return bool(getattr(model, name, False))
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def compile_layers(model: torch.nn.Module) -> int:
-    """torch.compile each decoder layer (one compiled graph serves them all: same code, parameters as inputs);
-    returns how many were compiled. Row lengths change every step, so shapes are compiled as dynamic."""
-    layers = decoder_layers(model)
-    if launch.in_worker():
-        # Dynamo splits graphs compiled inside DistributedDataParallel at its gradient buckets (DDPOptimizer), for
-        # models compiled whole. Each layer here compiles on its own and holds a few adapter weights, whose
-        # gradients DDP exchanges after the backward pass anyway.
-        torch._dynamo.config.optimize_ddp = False
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
-
-
 def add_lora(base: torch.nn.Module, params: Params, policy: DevicePolicy) -> torch.nn.Module:
     """The base prepared for training (prepare_base) and wrapped with seeded LoRA adapters."""
     check_target_modules(base, params.lora.target_modules)
@@ -141,7 +123,8 @@ def add_lora(base: torch.nn.Module, params: Params, policy: DevicePolicy) -> tor
     model = get_peft_model(base, config)
     if params.training.compile:
         if policy.device == "cuda":
-            log.info("compiled %d decoder layers (the first steps are slower)", compile_layers(model))
+            log.info("compiled %d decoder layers (the first steps are slower)",
+                     compile_layers(model, in_worker=launch.in_worker()))
         else:
             log.info("training.compile applies on CUDA only: running eagerly on %s", policy.device)
     return model

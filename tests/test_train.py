@@ -261,8 +261,9 @@ def test_compile_is_skipped_on_cpu_and_said(caplog):
 
     from transformers import AutoModelForCausalLM
 
+    from stages.compiling import decoder_layers
     from stages.modeling import choose_device
-    from stages.train import add_lora, decoder_layers
+    from stages.train import add_lora
 
     params = _training_params(compile=True)
     params = replace(params, quantization=replace(params.quantization, use_4bit=False))
