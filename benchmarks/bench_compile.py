@@ -17,16 +17,20 @@ Variants:
 - static-rank: the rank compiled as a constant, as torch does by default (each new rank is a new graph);
 - late-workers: rank as a symbol, but compile workers left to start at the first compile.
 
-Prints a table and writes compile-<device>-<date>[-label].json (device, versions, git commit, numbers) after
-every process, so an interrupted run keeps what it measured.
+`--profile` also writes each process's cProfile summary beside the results. Prints a table and writes
+compile-<device>-<date>[-label].json (device, versions, git commit, numbers) after every process, so an
+interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import logging
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -60,10 +64,16 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         compiling.start_compile_workers = lambda: None
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], trust_remote_code=False)
     examples = examples_for(tokenizer, (spec["warmup"] + spec["steps"]) * 16, seed=0)
+    profiler = cProfile.Profile() if spec.get("profile") else None
     with tempfile.TemporaryDirectory(prefix="bench-compile-") as scratch:
         bench = Bench(Path(spec["model_dir"]), examples, spec["steps"], spec["warmup"], Path(scratch),
                       {"lora": {"r": spec["rank"]}})
+        if profiler:
+            profiler.enable()
         result = measure("project", bench, tokenizer.pad_token_id)
+        if profiler:
+            profiler.disable()
+            write_profile(profiler, Path(spec["profile"]))
     from torch._dynamo.utils import calculate_time_spent, counters
 
     spent = calculate_time_spent()
@@ -72,6 +82,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "warmup_seconds": result["warmup_seconds"],
         "tokens_per_second": result["tokens_per_second"],
         "compile_seconds": round(spent.get("total_wall_time", 0.0), 2),
+        "compile_breakdown": {key: round(value, 2) for key, value in spent.items()},
         "code_gen_seconds": round(spent.get("code_gen", 0.0), 2),
         "graphs": counters.get("stats", {}).get("unique_graphs", 0),
         "fx_graph_cache": {"hit": inductor.get("fxgraph_cache_hit", 0), "miss": inductor.get("fxgraph_cache_miss", 0)},
@@ -80,6 +91,16 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_memory_gib": result["peak_memory_gib"],
         "final_loss": result["final_loss"],
     }
+
+
+def write_profile(profiler: cProfile.Profile, path: Path) -> None:
+    """The functions that took longest, with and without what they called, as text."""
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue(), encoding="utf-8")
 
 
 def run_child(spec: dict[str, Any], cache: Path) -> dict[str, Any]:
@@ -97,7 +118,7 @@ def run_child(spec: dict[str, Any], cache: Path) -> dict[str, Any]:
 
 
 def run(ranks: list[int], variants: list[str], steps: int, warmup: int, tiny: bool, out_dir: str | Path,
-        label: str | None) -> tuple[dict[str, Any], Path]:
+        label: str | None, profile: bool = False) -> tuple[dict[str, Any], Path]:
     model_dir = benchmark_model(tiny)
     out = report.header("compile", {"ranks": ranks, "variants": variants, "steps": steps, "warmup_steps": warmup,
                                     "tiny": tiny, "model_shape": (TINY if tiny else LLAMA_3_2_1B).__dict__,
@@ -110,6 +131,8 @@ def run(ranks: list[int], variants: list[str], steps: int, warmup: int, tiny: bo
                 log.info("%s: r %d (%s cache)", variant, rank, "warm" if i else "cold")
                 spec = {"variant": variant, "rank": rank, "model_dir": str(model_dir), "steps": steps,
                         "warmup": warmup}
+                if profile:
+                    spec["profile"] = str(Path(out_dir) / f"compile-profile-{variant}-r{rank}-{i}.txt")
                 row = {"variant": variant, "rank": rank, "cache": "warm" if i else "cold", **run_child(spec, cache)}
                 out["results"].append(row)
                 path = write(out, out_dir, tiny, label)
@@ -141,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: a smoke test (compiles on CUDA only)")
     parser.add_argument("--out", default=str(report.RESULTS))
     parser.add_argument("--label", default=None, help="added to the file name")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write each process's cProfile summary (compile-profile-*.txt) beside the results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -152,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     ranks = [int(r) for r in args.ranks.split(",")]
-    out, path = run(ranks, variants, args.steps, args.warmup, args.tiny, args.out, args.label)
+    out, path = run(ranks, variants, args.steps, args.warmup, args.tiny, args.out, args.label, args.profile)
     print_report(out, path)
     return out
 
