@@ -12,10 +12,11 @@ the Llama-3.2-1B-shaped model and reports torch's own compile counters: seconds 
 generation), graphs compiled, cache hits and misses; and the warm-up seconds, which include compiling.
 
 Variants:
-- default: stages/compiling.py as the train stage runs it (rank compiled as a symbol, compile workers started
-  while the Trainer is built);
+- default: stages/compiling.py as the train stage runs it (rank compiled as a symbol, no CPU vector-ISA test
+  builds, compile workers started while the Trainer is built);
 - static-rank: the rank compiled as a constant, as torch does by default (each new rank is a new graph);
-- late-workers: rank as a symbol, but compile workers left to start at the first compile.
+- late-workers: as default, but compile workers left to start at the first compile;
+- isa-probe: as default, but inductor test-builds the CPU's vector instruction sets first, as it does by default.
 
 `--profile` also writes each process's cProfile summary beside the results. Prints a table and writes
 compile-<device>-<date>[-label].json (device, versions, git commit, numbers) after every process, so an
@@ -45,7 +46,7 @@ from benchmarks.llama_shaped import LLAMA_3_2_1B, TINY, benchmark_model
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("default", "static-rank", "late-workers")
+VARIANTS = ("default", "static-rank", "late-workers", "isa-probe")
 RESULT = "BENCH_COMPILE_RESULT "
 
 
@@ -62,6 +63,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         compiling.start_compile_workers = lambda: None
     elif spec["variant"] == "late-workers":
         compiling.start_compile_workers = lambda: None
+    elif spec["variant"] == "isa-probe":
+        compiling.skip_cpu_isa_probe = lambda: None
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], trust_remote_code=False)
     examples = examples_for(tokenizer, (spec["warmup"] + spec["steps"]) * 16, seed=0)
     profiler = cProfile.Profile() if spec.get("profile") else None

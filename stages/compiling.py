@@ -53,6 +53,20 @@ def compile_rank_as_symbol(layers: list[torch.nn.Module]) -> None:
                     torch._dynamo.mark_static(tensor, dim)
 
 
+def skip_cpu_isa_probe() -> None:
+    """Take the CPU's vector instruction set from what torch detected rather than from test builds.
+
+    Before it compiles or looks up a graph, inductor checks which CPU vector instructions its C++ code may use
+    by compiling and loading a small program for each candidate, in every new process: about half a minute on
+    an H200 host, most of a warm-cache compile (benchmarks/bench_compile.py). The decoder layers compile to
+    CUDA kernels, which that check does not concern. TORCHINDUCTOR_VEC_ISA_OK, when set, still decides.
+    """
+    import torch._inductor.config as inductor_config
+
+    if inductor_config.cpp.vec_isa_ok is None:
+        inductor_config.cpp.vec_isa_ok = True
+
+
 def start_compile_workers() -> None:
     """Start inductor's kernel-compiling worker processes now, while the data and the Trainer are prepared;
     otherwise they start at the first step, and kernels compile one by one in this process until they are up."""
@@ -75,6 +89,7 @@ def compile_layers(model: torch.nn.Module, in_worker: bool = False) -> int:
         # gradients DDP exchanges after the backward pass anyway.
         torch._dynamo.config.optimize_ddp = False
     compile_rank_as_symbol(layers)
+    skip_cpu_isa_probe()
     for layer in layers:
         layer.compile(dynamic=True)
     start_compile_workers()

@@ -84,3 +84,16 @@ def test_without_it_each_rank_compiles_again(fresh_dynamo):
     # The default behaviour this module changes: parameter shapes are constants, so a new rank is a new graph.
     results = _losses_and_new_graphs([(8, 16), (16, 16)], symbolic=False, counters=fresh_dynamo)
     assert results[1][2] >= 1
+
+
+def test_the_cpu_isa_probe_is_skipped_unless_the_user_decided():
+    import torch._inductor.config as inductor_config
+
+    from stages.compiling import skip_cpu_isa_probe
+
+    with inductor_config.patch({"cpp.vec_isa_ok": None}):
+        skip_cpu_isa_probe()
+        assert inductor_config.cpp.vec_isa_ok is True
+    with inductor_config.patch({"cpp.vec_isa_ok": False}):  # TORCHINDUCTOR_VEC_ISA_OK=0
+        skip_cpu_isa_probe()
+        assert inductor_config.cpp.vec_isa_ok is False
