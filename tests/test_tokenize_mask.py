@@ -125,28 +125,3 @@ def test_split_statistics_match_the_examples(tiny_tokenizer):
     assert tiny_tokenizer.decode([t for t in columns["labels"][1] if t != IGNORE_INDEX]) == (
         "José will feed Zoë's cat.<|eot_id|>"
     )
-
-
-def test_several_processes_give_the_same_columns_in_order(tiny_tokenizer, monkeypatch):
-    import stages.tokenize_mask as stage
-
-    monkeypatch.setattr(stage, "ROWS_PER_CHUNK", 2)  # 7 rows: 4 chunks, shared by 2 processes
-    rows = [
-        {"id": str(i), "dialogue": f"Ann: I will be {i} minutes late.\nBob: OK, see you at {i + 5}.",
-         "summary": f"Ann is {i} minutes late." if i != 3 else " ".join([SUMMARY] * 30)}
-        for i in range(7)
-    ]
-    prompt = PromptParams(instruction=INSTRUCTION, max_length=120, date_string=DATE)
-    one = tokenize_split(tiny_tokenizer, rows, prompt, processes=1)
-    two = tokenize_split(tiny_tokenizer, rows, prompt, processes=2)
-    assert one == two
-    assert one[1]["examples"] == 6 and one[1]["dropped_summary_too_long"] == 1
-
-
-def test_default_processes_follow_rows_and_cores(monkeypatch):
-    import stages.tokenize_mask as stage
-
-    monkeypatch.setattr(stage.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert [stage.default_processes(n) for n in (10, 2000, 2001, 14732, 10**6)] == [1, 1, 2, 8, 8]
-    monkeypatch.setattr(stage.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert stage.default_processes(14732) == 2
