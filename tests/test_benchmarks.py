@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks import bench_eval, bench_loop, bench_memory, bench_train, check_packed
+from benchmarks import bench_compile, bench_eval, bench_loop, bench_memory, bench_train, check_packed
 from benchmarks.lengths import IGNORE_INDEX, SAMSUM, examples_for, ordinary_token_ids, prompts_of, sample_lengths
 from benchmarks.llama_shaped import build_llama_1b_shaped, default_tokenizer_dir
 from benchmarks.samsum_size import build_splits, template_lengths
@@ -125,6 +125,20 @@ def test_bench_train_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: Non
     assert tutorial["real_tokens"] == project["real_tokens"]
     assert tutorial["loss_tokens"] == project["loss_tokens"]
     assert tutorial["padding_fraction"] > 0.1  # padding to the longest of 4 uneven examples
+
+
+def test_bench_compile_tiny(tmp_path: Path):
+    bench_compile.main(["--tiny", "--ranks", "8,16", "--variants", "static-rank", "--steps", "1", "--warmup", "1",
+                        "--out", str(tmp_path)])
+    report = _read_report(tmp_path, "compile")
+    rows = report["results"]
+    assert [(r["variant"], r["rank"], r["cache"]) for r in rows] == [("static-rank", 8, "cold"),
+                                                                       ("static-rank", 16, "warm")]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["process_seconds"] > 0 and row["tokens_per_second"] > 0 and math.isfinite(row["final_loss"])
+        # The train stage compiles on CUDA only: on CPU nothing is compiled, so nothing is counted.
+        assert row["graphs"] == 0 and row["compile_seconds"] == 0 and row["fx_graph_cache"] == {"hit": 0, "miss": 0}
 
 
 def test_bench_memory_tiny(tmp_path: Path, one_thread: None):
