@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -474,6 +475,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return out
 
 
+def interrupt_on_sigterm(signum: int, frame: Any) -> None:
+    """A time limit (`timeout`, a batch scheduler) ends the run like Ctrl-C: the file then says which part did
+    not finish."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     sys.exit(1 if main()["failed"] else 0)
