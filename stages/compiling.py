@@ -40,8 +40,9 @@ def compile_rank_as_symbol(layers: list[torch.nn.Module]) -> None:
     """Let parameter shapes be symbolic, then pin every dimension but the LoRA rank: one graph for all ranks.
 
     Dynamo compiles parameter (and module attribute) shapes as constants by default. Lifting that for the
-    whole process and marking every other dimension static leaves exactly the rank symbolic; the matmuls that
-    use it are library calls, so the generated kernels are the same as with a constant rank.
+    whole process (only the decoder layers are compiled in it) and marking every other dimension static leaves
+    exactly the rank symbolic. The rank only sizes the adapters' matmuls, which are library calls, so the
+    generated kernels do not depend on it.
     """
     torch._dynamo.config.force_parameter_static_shapes = False
     torch._dynamo.config.force_nn_module_property_static_shapes = False
@@ -57,9 +58,10 @@ def skip_cpu_isa_probe() -> None:
     """Take the CPU's vector instruction set from what torch detected rather than from test builds.
 
     Before it compiles or looks up a graph, inductor checks which CPU vector instructions its C++ code may use
-    by compiling and loading a small program for each candidate, in every new process: about half a minute on
-    an H200 host, most of a warm-cache compile (benchmarks/bench_compile.py). The decoder layers compile to
-    CUDA kernels, which that check does not concern. TORCHINDUCTOR_VEC_ISA_OK, when set, still decides.
+    by compiling and loading a small program for each candidate, in every new process: 36 s of a 48 s
+    warm-cache compile on an H200 host (benchmarks/results/compile-nvidia-h200-2026-11-29-profiled-r8-warm.txt).
+    The decoder layers compile to CUDA kernels, which that check does not concern. TORCHINDUCTOR_VEC_ISA_OK,
+    when set, still decides.
     """
     import torch._inductor.config as inductor_config
 
