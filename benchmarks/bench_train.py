@@ -1,10 +1,12 @@
 """Training throughput: the tutorial's setup vs TRL's padding-free SFTTrainer vs this project's train stage.
 
     python -m benchmarks.bench_train [--setups tutorial,trl,project] [--steps 20] [--warmup 5] [--tiny]
-                                     [--out benchmarks/results] [--set training.padding_free=true ...]
+                                     [--shape 1B|3B|8B] [--out benchmarks/results]
+                                     [--set training.padding_free=true ...]
 
 All setups run in one process on the same device, one after the other, on the same synthetic SAMSum-length
-examples (benchmarks/lengths.py) and a random-weight Llama-3.2-1B-shaped model (benchmarks/llama_shaped.py):
+examples (benchmarks/lengths.py) and a random-weight Llama-3.2-1B-shaped model (benchmarks/llama_shaped.py;
+`--shape 3B` / `8B`: Llama-3.2-3B's or Llama-3.1-8B's shape, results in train-<device>-<date>-<shape>.json):
 NF4 with double quantization, bf16 compute, LoRA r 8 / alpha 16 / dropout 0.05 on q_proj and v_proj,
 16 sequences per optimizer step. Reported per setup: real (non-padding) tokens per second over the timed
 optimizer steps (after the warm-up steps), peak memory, and the loss at the last step. `--tiny` runs a
@@ -41,7 +43,7 @@ from transformers import (
 
 from benchmarks import report
 from benchmarks.lengths import IGNORE_INDEX, describe, examples_for
-from benchmarks.llama_shaped import LLAMA_3_2_1B, TINY, benchmark_model
+from benchmarks.llama_shaped import SHAPES, TINY, benchmark_model
 from offline.run import merge
 from stages.params import Params, parse_params
 
@@ -340,11 +342,12 @@ def run(
     model_dir: str | Path | None = None,
     tokenizer_dir: str | Path | None = None,
     project_overrides: dict[str, Any] | None = None,
+    shape_name: str = "1B",
 ) -> tuple[dict[str, Any], Path]:
     """Run the setups in order; return the report and the JSON file it was written to."""
-    shape = TINY if tiny else LLAMA_3_2_1B
+    shape = TINY if tiny else SHAPES[shape_name]
     started = time.perf_counter()
-    model_dir = benchmark_model(tiny, model_dir, tokenizer_dir)
+    model_dir = benchmark_model(tiny, model_dir, tokenizer_dir, shape_name)
     log.info("model ready in %.1f s: %s", time.perf_counter() - started, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     examples = examples_for(tokenizer, (warmup + steps) * SEQUENCES_PER_STEP, seed=0)
@@ -359,7 +362,9 @@ def run(
             "warmup_steps": warmup,
             "sequences_per_step": SEQUENCES_PER_STEP,
             "tiny": tiny,
+            "shape": "tiny" if tiny else shape_name,
             "model_shape": asdict(shape),
+            "parameters": shape.parameters(),
             "quantization": "nf4, double quant, compute " + str(compute_dtype()).removeprefix("torch."),
             "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
             "data": describe(examples),
@@ -385,12 +390,15 @@ def run(
         r["ratio_to_tutorial"] = round(r["tokens_per_second"] / reference, 3) if reference else None
     out.update({"results": results, "skipped": skipped, "failed": failed})
     path = report.write_results(out, out_dir, tiny)
+    if shape_name != "1B":
+        path = path.replace(path.with_name(f"{path.stem}-{shape_name.lower()}.json"))
     return out, path
 
 
 def print_report(out: dict[str, Any], path: Path) -> None:
     c = out["config"]
-    print(f"\n{out['device']}: {c['steps']} timed optimizer steps after {c['warmup_steps']} warm-up steps, "
+    print(f"\n{out['device']}, {c['shape']} shape: {c['steps']} timed optimizer steps after {c['warmup_steps']} "
+          "warm-up steps, "
           f"{c['sequences_per_step']} sequences per step")
     columns = [
         ("setup", "setup"),
@@ -429,6 +437,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 20; --tiny: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; --tiny: 1)")
     parser.add_argument("--tiny", action="store_true", help="2 layers, hidden 128, vocabulary 2048: a smoke test")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1B",
+                        help="the model's shape: Llama-3.2-1B (default), Llama-3.2-3B or Llama-3.1-8B")
     parser.add_argument("--out", type=Path, default=report.RESULTS, help="folder for the JSON results")
     parser.add_argument("--model-dir", type=Path, default=None, help="where the random model is built (reused)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="default: offline/tiny-llama")
@@ -444,7 +454,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if steps < 1 or warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     out, path = run(
-        setups, steps, warmup, args.tiny, args.out, args.model_dir, args.tokenizer, parse_overrides(args.set)
+        setups, steps, warmup, args.tiny, args.out, args.model_dir, args.tokenizer, parse_overrides(args.set),
+        args.shape,
     )
     print_report(out, path)
     return out

@@ -1,6 +1,7 @@
-"""A random-weight model with Llama-3.2-1B's exact shape, saved so that `from_pretrained` loads it offline.
+"""A random-weight model with the exact shape of Llama-3.2-1B (or 3.2-3B, 3.1-8B), saved so that
+`from_pretrained` loads it offline.
 
-    python -m benchmarks.llama_shaped --out /tmp/samsum-bench/llama-1b-shaped [--tiny]
+    python -m benchmarks.llama_shaped --out /tmp/samsum-bench/llama-1b-shaped [--shape 1B|3B|8B] [--tiny]
 
 Speed and memory depend on the shape of the network, not on what its weights learned, so the benchmarks use
 this instead of the gated hub checkpoint: nothing is downloaded. The tokenizer is a copy of the offline
@@ -30,7 +31,8 @@ MARKER = "benchmark_model.json"  # what was built, so a matching folder is reuse
 
 @dataclass(frozen=True)
 class LlamaShape:
-    """Llama-3.2-1B's config.json values (the hub model's); `TINY` shrinks it for CPU smoke tests."""
+    """Llama-3.2-1B's config.json values (the hub model's); `SHAPES` holds the bigger ones, `TINY` shrinks it
+    for CPU smoke tests."""
 
     vocab_size: int = 128256
     hidden_size: int = 2048
@@ -43,6 +45,7 @@ class LlamaShape:
     rope_scaling_factor: float = 32.0
     max_position_embeddings: int = 131072
     rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
 
     def config(self, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
         return LlamaConfig(
@@ -63,7 +66,7 @@ class LlamaShape:
             },
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
-            tie_word_embeddings=True,
+            tie_word_embeddings=self.tie_word_embeddings,
             hidden_act="silu",
             attention_bias=False,
             mlp_bias=False,
@@ -74,7 +77,22 @@ class LlamaShape:
         )
 
 
+    def parameters(self) -> int:
+        """How many parameters a model of this shape has (embeddings, decoder layers, final norm, LM head)."""
+        q_out, kv_out = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        layer = (self.hidden_size * (2 * q_out + 2 * kv_out)  # q, k, v, o projections
+                 + 3 * self.hidden_size * self.intermediate_size  # gate, up, down
+                 + 2 * self.hidden_size)  # the two RMSNorms
+        embeddings = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embeddings
+        return embeddings + self.num_hidden_layers * layer + self.hidden_size + head
+
+
 LLAMA_3_2_1B = LlamaShape()
+LLAMA_3_2_3B = LlamaShape(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, head_dim=128)
+LLAMA_3_1_8B = LlamaShape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
+                          rope_scaling_factor=8.0, tie_word_embeddings=False)
+SHAPES = {"1B": LLAMA_3_2_1B, "3B": LLAMA_3_2_3B, "8B": LLAMA_3_1_8B}
 TINY = LlamaShape(
     vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32,
@@ -168,13 +186,15 @@ def build_llama_1b_shaped(
 
 
 def benchmark_model(
-    tiny: bool = False, model_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None
+    tiny: bool = False, model_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None,
+    shape: str = "1B",
 ) -> Path:
-    """The benchmarks' model folder (default: <tmp>/samsum-bench/<shape>), built on first use and reused after."""
+    """The benchmarks' model folder (default: <tmp>/samsum-bench/llama-<shape>-shaped, or tiny), built on first
+    use and reused after. `shape`: a key of SHAPES; `tiny` overrides it."""
     cache = Path(tempfile.gettempdir()) / "samsum-bench"
-    model_dir = Path(model_dir or cache / ("tiny" if tiny else "llama-1b-shaped"))
+    model_dir = Path(model_dir or cache / ("tiny" if tiny else f"llama-{shape.lower()}-shaped"))
     return build_llama_1b_shaped(
-        model_dir, tokenizer_dir or default_tokenizer_dir(cache), shape=TINY if tiny else LLAMA_3_2_1B
+        model_dir, tokenizer_dir or default_tokenizer_dir(cache), shape=TINY if tiny else SHAPES[shape]
     )
 
 
@@ -182,12 +202,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, default=None, help="default: offline/tiny-llama")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1B", help="Llama-3.2-1B, 3.2-3B or 3.1-8B")
     parser.add_argument("--tiny", action="store_true", help="2 layers, hidden 128, vocabulary 2048")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tokenizer_dir = args.tokenizer or default_tokenizer_dir()
-    build_llama_1b_shaped(args.out, tokenizer_dir, seed=args.seed, shape=TINY if args.tiny else LLAMA_3_2_1B)
+    build_llama_1b_shaped(args.out, tokenizer_dir, seed=args.seed, shape=TINY if args.tiny else SHAPES[args.shape])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks import bench_compile, bench_eval, bench_loop, bench_memory, bench_train, check_packed
 from benchmarks.lengths import IGNORE_INDEX, SAMSUM, examples_for, ordinary_token_ids, prompts_of, sample_lengths
-from benchmarks.llama_shaped import build_llama_1b_shaped, default_tokenizer_dir
+from benchmarks.llama_shaped import SHAPES, build_llama_1b_shaped, default_tokenizer_dir
 from benchmarks.samsum_size import build_splits, template_lengths
 from conftest import TINY_MODEL
 from stages.params import PromptParams
@@ -81,6 +81,18 @@ def test_llama_shaped_model_loads_offline(tmp_path: Path, bench_tokenizer: Path)
     assert next(again.glob("*.safetensors")).read_bytes() == weights  # seeded
 
 
+@pytest.mark.parametrize("name, published", [("1B", 1_235_814_400), ("3B", 3_212_749_824), ("8B", 8_030_261_248)])
+def test_shapes_have_the_hub_models_parameter_counts(name: str, published: int, bench_tokenizer: Path):
+    # Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B as the hub's safetensors metadata counts them; built on the
+    # meta device, so nothing is allocated.
+    shape = SHAPES[name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape.config(AutoTokenizer.from_pretrained(str(bench_tokenizer))))
+    assert shape.parameters() == published
+    assert sum(p.numel() for p in model.parameters()) == published  # tied embeddings are counted once
+    assert model.config.tie_word_embeddings == (name != "8B")
+
+
 def _read_report(out_dir: Path, benchmark: str) -> dict:
     (path,) = out_dir.glob(f"{benchmark}-*-tiny-*.json")
     report = json.loads(path.read_text())
@@ -112,7 +124,7 @@ def test_bench_train_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: Non
                       "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "model"),
                       "--tokenizer", str(bench_tokenizer)])
     report = _read_report(tmp_path / "out", "train")
-    assert report["failed"] == [] and report["config"]["steps"] == 2
+    assert report["failed"] == [] and report["config"]["steps"] == 2 and report["config"]["shape"] == "tiny"
     tutorial, project = report["results"]
     assert (tutorial["setup"], project["setup"]) == ("tutorial", "project")
     assert tutorial["ratio_to_tutorial"] == 1.0
