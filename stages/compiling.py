@@ -58,7 +58,7 @@ def skip_cpu_isa_probe() -> None:
     """Take the CPU's vector instruction set from what torch detected rather than from test builds.
 
     Before it compiles or looks up a graph, inductor checks which CPU vector instructions its C++ code may use
-    by compiling and loading a small program for each candidate, in every new process: 36 s of a 48 s
+    by compiling and loading a small program for each candidate, in every new process: 22 s of a 48 s
     warm-cache compile on an H200 host (benchmarks/results/compile-nvidia-h200-2026-11-29-profiled-r8-warm.txt).
     The decoder layers compile to CUDA kernels, which that check does not concern. TORCHINDUCTOR_VEC_ISA_OK,
     when set, still decides.
