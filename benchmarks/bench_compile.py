@@ -60,7 +60,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec["variant"] == "static-rank":
         compiling.compile_rank_as_symbol = lambda layers: None
-        compiling.start_compile_workers = lambda: None
     elif spec["variant"] == "late-workers":
         compiling.start_compile_workers = lambda: None
     elif spec["variant"] == "isa-probe":
