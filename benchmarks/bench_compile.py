@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def run(ranks: list[int], variants: list[str], steps: int, warmup: int, tiny: bo
         label: str | None, profile: bool = False) -> tuple[dict[str, Any], Path]:
     model_dir = benchmark_model(tiny)
     out = report.header("compile", {"ranks": ranks, "variants": variants, "steps": steps, "warmup_steps": warmup,
-                                    "tiny": tiny, "model_shape": (TINY if tiny else LLAMA_3_2_1B).__dict__,
+                                    "tiny": tiny, "model_shape": asdict(TINY if tiny else LLAMA_3_2_1B),
                                     "label": label})
     out["results"] = []
     with tempfile.TemporaryDirectory(prefix="bench-compile-caches-") as caches:
@@ -137,13 +138,8 @@ def run(ranks: list[int], variants: list[str], steps: int, warmup: int, tiny: bo
                     spec["profile"] = str(Path(out_dir) / f"compile-profile-{variant}-r{rank}-{i}.txt")
                 row = {"variant": variant, "rank": rank, "cache": "warm" if i else "cold", **run_child(spec, cache)}
                 out["results"].append(row)
-                path = write(out, out_dir, tiny, label)
+                path = report.write_results(out, out_dir, tiny, label)
     return out, path
-
-
-def write(out: dict[str, Any], out_dir: str | Path, tiny: bool, label: str | None) -> Path:
-    path = report.write_results(out, out_dir, tiny)
-    return path.replace(path.with_name(f"{path.stem}-{label}.json")) if label else path
 
 
 def print_report(out: dict[str, Any], path: Path) -> None:

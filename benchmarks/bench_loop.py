@@ -389,8 +389,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         "params": params, "overrides": overrides, "rerun": RERUN, "grid": args.grid,
         "compile_cache": {"dir": str(compile_cache), "existed_before": compile_cache.exists()},
     })
-    out.update({"source": report.source_commit(), "tools": report.package_versions(TOOLS),
-                "cpu_cores": os.cpu_count(), "results": {}, "failed": []})
+    out.update({"tools": report.package_versions(TOOLS), "cpu_cores": os.cpu_count(), "results": {}, "failed": []})
     if torch.cuda.is_available():
         out["gpu_memory_gib"] = round(torch.cuda.mem_get_info()[1] / 2**30, 1)
     path = None
@@ -435,10 +434,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
 
 
 def write(out: dict[str, Any], args: argparse.Namespace) -> Path:
-    path = report.write_results(out, args.out, args.tiny)
-    if args.label:
-        path = path.replace(path.with_name(f"{path.stem}-{args.label}.json"))
-    return path
+    return report.write_results(out, args.out, args.tiny, args.label)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> None:
     out = report.header("memory", {"steps_per_kind": STEPS_PER_KIND, "sequences_per_step": SEQUENCES,
                                    "step_tokens": tokens, "tiny": args.tiny, "compiled": policy.device == "cuda"
                                    and params.training.compile, "base": "bf16 (unquantized, as dequantized NF4)"})
-    out["source"] = report.source_commit()
     out["results"] = results
     path = report.write_results(out, args.out, tiny=args.tiny)
     print(report.table([("setting", "setting"), ("peak GiB typical", "peak_gib_typical"),

@@ -389,9 +389,7 @@ def run(
     for r in results:
         r["ratio_to_tutorial"] = round(r["tokens_per_second"] / reference, 3) if reference else None
     out.update({"results": results, "skipped": skipped, "failed": failed})
-    path = report.write_results(out, out_dir, tiny)
-    if shape_name != "1B":
-        path = path.replace(path.with_name(f"{path.stem}-{shape_name.lower()}.json"))
+    path = report.write_results(out, out_dir, tiny, None if shape_name == "1B" else shape_name.lower())
     return out, path
 
 

@@ -93,9 +93,11 @@ def header(benchmark: str, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_results(report: dict[str, Any], out_dir: str | Path = RESULTS, tiny: bool = False) -> Path:
-    """Write `report` to <out_dir>/<benchmark>-<device>[-tiny]-<date>.json and return the path."""
-    name = f"{report['benchmark']}-{device_slug()}{'-tiny' if tiny else ''}-{report['date']}.json"
+def write_results(report: dict[str, Any], out_dir: str | Path = RESULTS, tiny: bool = False,
+                  label: str | None = None) -> Path:
+    """Write `report` to <out_dir>/<benchmark>-<device>[-tiny]-<date>[-label].json and return the path."""
+    suffix = ("-tiny" if tiny else "", f"-{report['date']}", f"-{label}" if label else "")
+    name = f"{report['benchmark']}-{device_slug()}{''.join(suffix)}.json"
     path = Path(out_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -10,7 +10,7 @@ Not a stage of `dvc repro`: run it when a model is to be shipped. Which base wei
 
 - `quantized` (the default when quantization.use_4bit): the 4-bit base unpacked to `--dtype`, the weights the
   adapter was trained against and evaluate_adapter measured, so the exported model generates what the ROUGE
-  numbers describe (tests/test_export.py checks the greedy generations are the adapter's);
+  numbers describe (tests/test_use_result.py checks the greedy generations are the adapter's);
 - `original`: the base as published, unquantized; its weights differ from those by the 4-bit rounding, so its
   outputs can differ slightly from the evaluated ones.
 """
