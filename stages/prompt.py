@@ -39,6 +39,11 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _encode_many(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    # One call: a fast tokenizer encodes the list on all cores.
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
     template = tokenizer.chat_template
     return isinstance(template, str) and "{% generation %}" in template.replace("{%-", "{%").replace("-%}", "%}")
@@ -65,37 +70,86 @@ def _strip_trailing_whitespace_tokens(tokenizer: PreTrainedTokenizerBase, ids: l
         mask[i] = 0
 
 
-def summary_token_mask(
-    tokenizer: PreTrainedTokenizerBase, instruction: str, dialogue: str, summary: str, date_string: str
-) -> tuple[list[int], list[int]]:
-    """The full conversation's token ids, and a 0/1 mask that is 1 on the summary and its end-of-turn token(s)."""
-    messages = [_user(instruction, dialogue), {"role": "assistant", "content": summary}]
-    full_text = _render(tokenizer, messages, False, date_string)
-    full_ids = _encode(tokenizer, full_text)
+def summary_token_masks(
+    tokenizer: PreTrainedTokenizerBase, instruction: str, pairs: list[tuple[str, str]], date_string: str
+) -> list[tuple[list[int], list[int]]]:
+    """For each (dialogue, summary): the conversation's token ids, and a 0/1 mask that is 1 on the summary and its
+    end-of-turn token(s). The templates are rendered one by one; the tokenizer encodes the whole list at once."""
+    if not pairs:
+        return []
+    conversations = [[_user(instruction, dialogue), {"role": "assistant", "content": summary}]
+                     for dialogue, summary in pairs]
+    full_texts = tokenizer.apply_chat_template(
+        conversations, tokenize=False, add_generation_prompt=False, date_string=date_string
+    )
+    full_ids = _encode_many(tokenizer, full_texts)
     if has_generation_markers(tokenizer):
         out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, date_string=date_string
+            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, date_string=date_string
         )
-        mask = list(out["assistant_masks"])
-        if list(out["input_ids"]) != full_ids:
+        masks = [list(mask) for mask in out["assistant_masks"]]
+        if any(list(ids) != full for ids, full in zip(out["input_ids"], full_ids, strict=True)):
             raise PipelineError(
                 "the chat template tokenizes differently with and without the assistant mask; "
                 "the tokenizer's template cannot be masked reliably"
             )
     else:
-        prompt_text = _render(tokenizer, messages[:1], True, date_string)
-        prompt_ids = _encode(tokenizer, prompt_text)
-        if not full_text.startswith(prompt_text) or full_ids[: len(prompt_ids)] != prompt_ids:
+        prompt_texts = tokenizer.apply_chat_template(
+            [conversation[:1] for conversation in conversations], tokenize=False, add_generation_prompt=True,
+            date_string=date_string,
+        )
+        masks = []
+        for full_text, prompt_text, full, prompt in zip(
+            full_texts, prompt_texts, full_ids, _encode_many(tokenizer, prompt_texts), strict=True
+        ):
+            if not full_text.startswith(prompt_text) or full[: len(prompt)] != prompt:
+                raise PipelineError(
+                    "the chat template's generation prompt is not a prefix of the full conversation, so the "
+                    "summary tokens cannot be located; use a tokenizer whose template supports {% generation %} "
+                    "or one whose prompt is a prefix (model.tokenizer_type)"
+                )
+            masks.append([0] * len(prompt) + [1] * (len(full) - len(prompt)))
+    for ids, mask in zip(full_ids, masks, strict=True):
+        _strip_trailing_whitespace_tokens(tokenizer, ids, mask)
+        if not any(mask):
             raise PipelineError(
-                "the chat template's generation prompt is not a prefix of the full conversation, so the "
-                "summary tokens cannot be located; use a tokenizer whose template supports {% generation %} "
-                "or one whose prompt is a prefix (model.tokenizer_type)"
+                "the chat template produced no assistant tokens for a summary; check model.tokenizer_type"
             )
-        mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
-    _strip_trailing_whitespace_tokens(tokenizer, full_ids, mask)
-    if not any(mask):
-        raise PipelineError("the chat template produced no assistant tokens for a summary; check model.tokenizer_type")
-    return full_ids, mask
+    return list(zip(full_ids, masks, strict=True))
+
+
+def summary_token_mask(
+    tokenizer: PreTrainedTokenizerBase, instruction: str, dialogue: str, summary: str, date_string: str
+) -> tuple[list[int], list[int]]:
+    """`summary_token_masks` for one conversation."""
+    return summary_token_masks(tokenizer, instruction, [(dialogue, summary)], date_string)[0]
+
+
+def build_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    instruction: str,
+    pairs: list[tuple[str, str]],
+    max_length: int,
+    date_string: str,
+) -> list[Example | None]:
+    """Tokenize training examples, shortening a dialogue (never its summary) to fit `max_length`.
+
+    None for an example where even an empty dialogue leaves no room for the summary.
+    """
+    examples: list[Example | None] = []
+    for (dialogue, summary), (ids, mask) in zip(
+        pairs, summary_token_masks(tokenizer, instruction, pairs, date_string), strict=True
+    ):
+        truncated = len(ids) > max_length
+        if truncated:
+            shortened = _shorten(tokenizer, instruction, dialogue, summary, max_length, date_string, len(ids))
+            if shortened is None:
+                examples.append(None)
+                continue
+            ids, mask = shortened
+        labels = [tok if m else IGNORE_INDEX for tok, m in zip(ids, mask, strict=True)]
+        examples.append(Example(input_ids=ids, labels=labels, truncated=truncated))
+    return examples
 
 
 def build_example(
@@ -106,27 +160,25 @@ def build_example(
     max_length: int,
     date_string: str,
 ) -> Example | None:
-    """Tokenize one training example, shortening the dialogue (never the summary) to fit `max_length`.
+    """`build_examples` for one example."""
+    return build_examples(tokenizer, instruction, [(dialogue, summary)], max_length, date_string)[0]
 
-    Returns None when even an empty dialogue leaves no room for the summary.
-    """
-    ids, mask = summary_token_mask(tokenizer, instruction, dialogue, summary, date_string)
-    truncated = False
-    if len(ids) > max_length:
-        truncated = True
-        dialogue_ids = _encode(tokenizer, dialogue)
-        keep = len(dialogue_ids) - (len(ids) - max_length)
-        while True:
-            if keep <= 0:
-                return None
-            # Cut at the end: the opening of a chat sets the topic; decoding and re-encoding may shift a token.
-            shortened = tokenizer.decode(dialogue_ids[:keep]).rstrip()
-            ids, mask = summary_token_mask(tokenizer, instruction, shortened, summary, date_string)
-            if len(ids) <= max_length:
-                break
-            keep -= max(1, len(ids) - max_length)
-    labels = [tok if m else IGNORE_INDEX for tok, m in zip(ids, mask, strict=True)]
-    return Example(input_ids=ids, labels=labels, truncated=truncated)
+
+def _shorten(
+    tokenizer: PreTrainedTokenizerBase, instruction: str, dialogue: str, summary: str, max_length: int,
+    date_string: str, length: int,
+) -> tuple[list[int], list[int]] | None:
+    """Ids and mask with the dialogue cut at its end until the conversation fits; None when nothing fits."""
+    dialogue_ids = _encode(tokenizer, dialogue)
+    keep = len(dialogue_ids) - (length - max_length)
+    while keep > 0:
+        # Cut at the end: the opening of a chat sets the topic; decoding and re-encoding may shift a token.
+        shortened = tokenizer.decode(dialogue_ids[:keep]).rstrip()
+        ids, mask = summary_token_mask(tokenizer, instruction, shortened, summary, date_string)
+        if len(ids) <= max_length:
+            return ids, mask
+        keep -= max(1, len(ids) - max_length)
+    return None
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, date_string: str) -> list[int]:

@@ -19,7 +19,7 @@ from stages.errors import PipelineError, run_stage
 from stages.files import atomic_dir, read_jsonl, write_json
 from stages.modeling import load_tokenizer
 from stages.params import PromptParams, load_params
-from stages.prompt import IGNORE_INDEX, build_example
+from stages.prompt import IGNORE_INDEX, build_examples
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ PREPARED = "data/prepared/{split}.jsonl"
 TOKENIZED = "data/tokenized"
 METRICS = "metrics/tokens.json"
 SPLITS = ("train", "validation")
+CHUNK = 1024  # examples encoded together (the tokenizer uses every core on a batch)
 
 
 def tokenize_split(
@@ -35,17 +36,19 @@ def tokenize_split(
     """Tokenized columns for one split, and its statistics (lengths, truncated, dropped, loss fraction)."""
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     truncated = dropped = 0
-    for row in tqdm(rows, desc=f"tokenize {split}", unit="ex", mininterval=2):
-        example = build_example(
-            tokenizer, prompt.instruction, row["dialogue"], row["summary"], prompt.max_length, prompt.date_string
-        )
-        if example is None:
-            dropped += 1
-            continue
-        truncated += example.truncated
-        columns["input_ids"].append(example.input_ids)
-        columns["labels"].append(example.labels)
-        columns["length"].append(len(example.input_ids))
+    with tqdm(total=len(rows), desc=f"tokenize {split}", unit="ex", mininterval=2) as progress:
+        for start in range(0, len(rows), CHUNK):
+            chunk = rows[start : start + CHUNK]
+            pairs = [(row["dialogue"], row["summary"]) for row in chunk]
+            for example in build_examples(tokenizer, prompt.instruction, pairs, prompt.max_length, prompt.date_string):
+                if example is None:
+                    dropped += 1
+                    continue
+                truncated += example.truncated
+                columns["input_ids"].append(example.input_ids)
+                columns["labels"].append(example.labels)
+                columns["length"].append(len(example.input_ids))
+            progress.update(len(chunk))
     return columns, _stats(columns, truncated, dropped)
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from stages.errors import PipelineError
 from stages.params import PromptParams
-from stages.prompt import IGNORE_INDEX, build_example, end_of_turn_ids, generation_prompt_ids, has_generation_markers
+from stages.prompt import IGNORE_INDEX, build_example, build_examples, end_of_turn_ids, generation_prompt_ids, has_generation_markers
 from stages.tokenize_mask import tokenize_split
 
 INSTRUCTION = "Summarize this dialogue."
@@ -103,6 +103,24 @@ def test_long_dialogue_is_shortened_and_the_summary_kept(tiny_tokenizer):
 def test_example_whose_summary_cannot_fit_is_dropped(tiny_tokenizer):
     long_summary = " ".join(["Anna and Tom will meet at the Italian place."] * 20)
     assert build_example(tiny_tokenizer, INSTRUCTION, DIALOGUE, long_summary, 64, DATE) is None
+
+
+@pytest.mark.parametrize("template", [None, LLAMA32_LIKE, CHATML_LIKE], ids=["generation-markers", "llama32", "chatml"])
+def test_a_batch_tokenizes_each_example_as_alone(tiny_tokenizer, template):
+    # tokenize_mask encodes many conversations in one call: each must come out as if encoded by itself, in
+    # order, with the too-long one shortened and the one whose summary cannot fit dropped.
+    tok = tiny_tokenizer if template is None else with_template(tiny_tokenizer, template)
+    long_dialogue = "\n".join(f"Tom: line {i} about the trip to the lake" for i in range(40))
+    pairs = [(DIALOGUE, SUMMARY), ("Zoë: Can you feed the cat? 🐱\nJosé: Sure.", "José will feed Zoë's cat."),
+             (long_dialogue, SUMMARY), (DIALOGUE, " ".join([SUMMARY] * 30)), ("Ann: ok", "Ann agrees.")]
+    batch = build_examples(tok, INSTRUCTION, pairs, 160, DATE)
+    assert batch == [build_example(tok, INSTRUCTION, d, s, 160, DATE) for d, s in pairs]
+    assert [e is None for e in batch] == [False, False, False, True, False]
+    assert batch[2].truncated and len(batch[2].input_ids) <= 160
+    end = "<|im_end|>" if template is CHATML_LIKE else "<|eot_id|>"
+    assert [loss_text(tok, e) for e in batch if e] == [
+        SUMMARY + end, "José will feed Zoë's cat." + end, SUMMARY + end, "Ann agrees." + end]
+    assert build_examples(tok, INSTRUCTION, [], 160, DATE) == []
 
 
 def test_end_of_turn_is_the_templates_closing_token(tiny_tokenizer):
