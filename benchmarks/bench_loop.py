@@ -11,7 +11,11 @@ and a SAMSum-size dataset of local files (benchmarks/samsum_size.py), with param
 - rerun: `dvc exp run -S lora.r=16` after the job was committed;
 - retrain: `dvc repro --force --single-item train` on the job's params: the train stage with a warm compile cache;
 - sweep: a grid queued with `dvc exp run --queue -S ... -S ...`, run by `dvc queue start -j N` until the queue
-  is empty; `dvc exp show --json` must then list every experiment with its metrics.
+  is empty (or --sweep-timeout: what still runs is killed, and the file says which finished, and when);
+  `dvc exp show --json` must then list every experiment with its metrics.
+
+With --workdir, the copy is kept, and a later call with the same --workdir and without the job part starts from
+that finished job (and its warm compile cache): e.g. `--parts job,rerun` and then `--parts sweep`.
 
 Each stage's process is timed by benchmarks/stage_timer/sitecustomize.py (start, end, torch compile seconds).
 Prints a table per part and writes loop-<device>-<date>.json (device, versions, git commit, config, numbers)
@@ -241,15 +245,21 @@ def queue_status(project: Path, env: dict[str, str]) -> list[dict[str, str]]:
     return rows
 
 
-def wait_for_queue(project: Path, env: dict[str, str], timeout: float, poll: float = 5.0) -> list[dict[str, str]]:
-    """Poll `dvc queue status` until nothing is queued or running; the last listing."""
-    deadline = time.time() + timeout
+def wait_for_queue(project: Path, env: dict[str, str], timeout: float, started: float,
+                   poll: float = 5.0) -> tuple[list[dict[str, str]], dict[str, float], bool]:
+    """Poll `dvc queue status` until nothing is queued or running, or `timeout` seconds after `started`: the last
+    listing, the seconds after `started` at which each experiment was first seen finished, and whether all were."""
+    finished_at: dict[str, float] = {}
     while True:
         rows = queue_status(project, env)
+        for row in rows:
+            if row["status"] not in ("Queued", "Running"):
+                finished_at.setdefault(row["name"], round(time.time() - started, 1))
         if rows and not any(r["status"] in ("Queued", "Running") for r in rows):
-            return rows
-        if time.time() > deadline:
-            raise TimeoutError(f"the queue was not empty after {timeout:.0f} s: {rows}")
+            return rows, finished_at, True
+        if time.time() - started > timeout:
+            log.warning("the queue was not empty after %.0f s: %s", timeout, rows)
+            return rows, finished_at, False
         time.sleep(poll)
 
 
@@ -299,15 +309,18 @@ def run_sweep(project: Path, env: dict[str, str], grid: list[str], jobs: int | N
     started = time.time()
     start_queue(project, env, jobs, log_file)
     try:
-        final = wait_for_queue(project, env, timeout)
+        final, finished_at, emptied = wait_for_queue(project, env, timeout, started)
     finally:
         wall = time.time() - started
         run_dvc(project, "queue", "stop", env=env, check=False)
+    if not emptied:  # stop what still runs, so that the listing below is of what finished within the time
+        run_dvc(project, "queue", "kill", *[r["name"] for r in final if r["status"] == "Running"], env=env,
+                check=False)
     listed = experiments_shown(json.loads(run_dvc(project, "exp", "show", "--json", env=env).stdout))
     shown = [e for e in listed if e["name"] in names]  # not the rerun's experiment, which exp show lists too
     keys = [spec.partition("=")[0] for spec in grid]
     experiments = [{
-        "name": e["name"], "state": e["state"],
+        "name": e["name"], "state": e["state"], "finished_after_s": finished_at.get(e["name"]),
         **{key: leaf(e["params"], key) for key in keys},
         "train_loss": e["metrics"].get("metrics/train.json", {}).get("train_loss"),
         "eval_loss": e["metrics"].get("metrics/train.json", {}).get("eval_loss"),
@@ -320,7 +333,7 @@ def run_sweep(project: Path, env: dict[str, str], grid: list[str], jobs: int | N
     return {
         "command": f"dvc exp run --queue {' '.join('-S ' + repr(s) for s in grid)} && dvc queue start -j {jobs}",
         "experiments_expected": expected, "jobs": jobs, "jobs_rule": rule, "queue_seconds": queued.seconds,
-        "wall_s": round(wall, 1), "poll_interval_s": 5.0,
+        "wall_s": round(wall, 1), "poll_interval_s": 5.0, "timeout_s": timeout, "queue_emptied": emptied,
         "queue_status": {r["name"]: r["status"] for r in final},
         "experiments": experiments, "experiments_with_metrics": len(with_metrics),
         "all_listed_with_metrics": len(with_metrics) == expected == len(names),
@@ -377,7 +390,16 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     logs.mkdir(parents=True, exist_ok=True)
     timings = logs / "stage-timings.jsonl"
     compile_cache = Path(args.compile_cache or work / "torch-compile-cache")
-    project = make_project(work / "project", params)
+    project = work / "project"
+    reused = "job" not in parts and (project / "dvc.lock").is_file()
+    if reused:  # e.g. `--parts sweep` after `--parts job,rerun` with the same --workdir: start from that job
+        if yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8")) != params:
+            raise SystemExit(f"{project}: its params.yaml differs from this run's; use another --workdir")
+        log.info("reusing the finished job in %s", project)
+    else:
+        if project.exists():
+            raise SystemExit(f"{project} exists: run the job part in an empty --workdir")
+        make_project(project, params)
     env = dvc_env(project, PYTHONPATH=os.pathsep.join(filter(None, [str(STAGE_TIMER), str(project),
                                                                      os.environ.get("PYTHONPATH")])),
                   PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -388,6 +410,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         "dataset": {"sizes": sizes, "train_through_template": dataset_stats(data_dir)},
         "params": params, "overrides": overrides, "rerun": RERUN, "grid": args.grid,
         "compile_cache": {"dir": str(compile_cache), "existed_before": compile_cache.exists()},
+        "reused_job": reused,
     })
     out.update({"tools": report.package_versions(TOOLS), "cpu_cores": os.cpu_count(), "results": {}, "failed": []})
     if torch.cuda.is_available():
@@ -460,7 +483,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     requested = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not requested or requested - set(PARTS):
         parser.error(f"unknown parts {sorted(requested - set(PARTS))}; choose from {', '.join(PARTS)}")
-    args.parts = requested | {"job"}  # the other parts start from the finished job
+    finished_job = args.workdir is not None and (args.workdir / "project" / "dvc.lock").is_file()
+    args.parts = requested if finished_job else requested | {"job"}  # the other parts start from a finished job
     args.grid = args.grid or GRID
     if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs must be >= 1")

@@ -214,16 +214,31 @@ def test_queue_workers_follow_the_memory_rule(monkeypatch: pytest.MonkeyPatch):
     assert bench_loop.grid_size(bench_loop.GRID) == 9
 
 
+def test_sweep_wait_stops_at_the_timeout_and_says_what_finished(monkeypatch: pytest.MonkeyPatch):
+    rows = [{"task": "1", "name": "a", "status": "Success"}, {"task": "2", "name": "b", "status": "Running"}]
+    monkeypatch.setattr(bench_loop, "queue_status", lambda project, env: rows)
+    started = bench_loop.time.time() - 3
+    final, finished_at, emptied = bench_loop.wait_for_queue(Path("nowhere"), {}, 1.0, started, poll=0)
+    assert final == rows and not emptied and finished_at.keys() == {"a"} and finished_at["a"] >= 3
+    rows[1]["status"] = "Failed"
+    assert bench_loop.wait_for_queue(Path("nowhere"), {}, 1.0, started, poll=0)[2]
+
+
 @pytest.mark.slow
 def test_bench_loop_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two queued runs share the runner's cores
-    out = bench_loop.main(["--tiny", "--parts", "job,rerun,sweep", "--grid", "lora.r=4,16", "--jobs", "2",
-                           "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
-                           "--model-dir", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data")])
+    common = ["--tiny", "--workdir", str(tmp_path / "work"), "--model-dir", str(tmp_path / "model"),
+              "--data-dir", str(tmp_path / "data")]
+    out = bench_loop.main([*common, "--parts", "job,rerun", "--out", str(tmp_path / "out")])
     report = _read_report(tmp_path / "out", "loop")
-    assert report["failed"] == [] and report["results"].keys() == {"job", "rerun", "sweep"}
+    assert report["failed"] == [] and report["results"].keys() == {"job", "rerun"} and not report["config"]["reused_job"]
     assert report["source"]["commit"] and report["tools"]["dvc"] and report == json.loads(json.dumps(out))
-    job, rerun, sweep = (report["results"][part] for part in ("job", "rerun", "sweep"))
+    # A second call with the same --workdir starts from that job (its baseline evaluation stays cached).
+    bench_loop.main([*common, "--parts", "sweep", "--grid", "lora.r=4,16", "--jobs", "2",
+                     "--out", str(tmp_path / "out2")])
+    second = _read_report(tmp_path / "out2", "loop")
+    assert second["failed"] == [] and second["config"]["reused_job"] and second["results"].keys() == {"sweep"}
+    job, rerun, sweep = report["results"]["job"], report["results"]["rerun"], second["results"]["sweep"]
     assert sorted(job["ran"]) == sorted(bench_loop.MODULES) and job["skipped"] == []
     for row in job["stages"]:  # DVC's time for a stage holds its process, which the timer hook measured
         assert row["process_s"] > 0 and row["wall_s"] >= row["process_s"] - 0.2, row
@@ -236,3 +251,7 @@ def test_bench_loop_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert sweep["experiments_expected"] == 2 and sweep["all_listed_with_metrics"] and sweep["jobs"] == 2
     assert sorted(e["lora.r"] for e in sweep["experiments"]) == [4, 16]
     assert set(sweep["queue_status"].values()) == {"Success"} and len(sweep["train_processes"]) == 2
+    assert sweep["queue_emptied"] and all(0 < e["finished_after_s"] <= sweep["wall_s"] + 1
+                                          for e in sweep["experiments"])
+    with pytest.raises(SystemExit, match="exists: run the job part in an empty --workdir"):
+        bench_loop.main([*common, "--parts", "job", "--out", str(tmp_path / "out3")])
