@@ -35,8 +35,8 @@ from transformers import AutoConfig, GenerationConfig
 
 from benchmarks import report
 from benchmarks.lengths import examples_for, prompts_of
-from benchmarks.llama_shaped import benchmark_model
-from stages.evaluate import generate, load_for_generation
+from benchmarks.llama_shaped import SHAPES, benchmark_model
+from stages.evaluate import generate, load_for_generation, plan_memory
 from stages.modeling import choose_device, load_tokenizer
 from stages.params import Params, parse_params
 
@@ -64,6 +64,8 @@ def time_project(
     report.reset_memory()
     started = time.perf_counter()
     tokenizer = load_tokenizer(params.model)
+    if setup == "project":  # eval.max_memory_gib (else the GPU's memory), as the evaluate stage plans it
+        params = plan_memory(params, policy, max(map(len, prompts)))
     model = load_for_generation(params, policy, adapter=None)
     report.synchronize()
     loaded = time.perf_counter()
@@ -141,10 +143,14 @@ def run(
     model_dir: str | Path | None = None,
     tokenizer_dir: str | Path | None = None,
     reference: int = 128,
+    shape: str = "1B",
+    max_memory_gib: float | None = None,
+    project_only: bool = False,
 ) -> tuple[dict[str, Any], Path]:
-    """Time both setups; return the report and the JSON file it was written to."""
-    model_dir = benchmark_model(tiny, model_dir, tokenizer_dir)
+    """Time the setups; return the report and the JSON file it was written to."""
+    model_dir = benchmark_model(tiny, model_dir, tokenizer_dir, shape=shape)
     params = project_params(model_dir, batch_size)
+    params = replace(params, eval=replace(params.eval, max_memory_gib=max_memory_gib))
     tokenizer = load_tokenizer(params.model)
     prompts = prompts_of(examples_for(tokenizer, examples, seed=1))
     if torch.cuda.is_available():
@@ -164,8 +170,17 @@ def run(
             "prompt_length_max": max(map(len, prompts)),
             "stop": "an id outside the vocabulary, so every prompt gets max_new_tokens new tokens",
             "target_wall_seconds": TARGET_WALL_SECONDS,
+            "shape": shape,
+            "max_memory_gib": max_memory_gib,
         },
     )
+    label = shape.lower() if shape != "1B" else None
+    if project_only:
+        report.reset_memory()
+        model, project, _ = time_project(params, prompts, max_new_tokens, never)
+        del model
+        out["results"] = [project]
+        return out, report.write_results(out, out_dir, tiny, label)
     # (d) and the straightforward path: the 4-bit kernels, one prompt at a time and in batches of 32 (timed on
     # `reference` prompts, extrapolated); then (e) the evaluate stage's own path on every prompt.
     four_bit = replace(params, eval=replace(params.eval, dequantize=False, batch_size=32))
@@ -191,7 +206,7 @@ def run(
     for r in results:
         r["speedup"] = round(single["seconds_per_example"] / r["seconds_per_example"], 2)
     out["results"] = results
-    return out, report.write_results(out, out_dir, tiny)
+    return out, report.write_results(out, out_dir, tiny, label)
 
 
 def print_report(out: dict[str, Any], path: Path) -> None:
@@ -208,6 +223,9 @@ def print_report(out: dict[str, Any], path: Path) -> None:
         ("peak GiB", "peak_memory_gib"),
     ]
     print(report.table(columns, out["results"]))
+    if len(out["results"]) == 1:  # --project-only
+        print(f"written to {path}")
+        return
     single = out["results"][0]
     if single["extrapolated"]:
         print(f"one_at_a_time: {single['timed_examples']} prompts timed; its wall time for {single['examples']} "
@@ -236,6 +254,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=report.RESULTS, help="folder for the JSON results")
     parser.add_argument("--model-dir", type=Path, default=None, help="where the random model is built (reused)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="default: offline/tiny-llama")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1B",
+                        help="the model's shape: Llama-3.2-1B (default), Llama-3.2-3B or Llama-3.1-8B")
+    parser.add_argument("--max-memory-gib", type=float, default=None, help="eval.max_memory_gib for the project")
+    parser.add_argument("--project-only", action="store_true", help="time only the evaluate stage's own path")
     args = parser.parse_args(argv)
     examples = args.examples or (64 if args.tiny else TEST_EXAMPLES)
     max_new_tokens = args.max_new_tokens or (8 if args.tiny else 48)
@@ -243,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference = args.reference or (8 if args.tiny else 128)
     out, path = run(
         examples, max_new_tokens, one_at_a_time, args.tiny, args.batch_size, args.out, args.model_dir, args.tokenizer,
-        reference,
+        reference, args.shape, args.max_memory_gib, args.project_only,
     )
     print_report(out, path)
     return out

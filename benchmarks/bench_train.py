@@ -266,9 +266,6 @@ def project_trainer(bench: Bench, meter: ThroughputMeter) -> Trainer:
     params = project_params(bench)
     policy = choose_device(params.quantization, params.training.optim)
     log.info("project: %s", policy.reason)
-    set_seed(params.seed)
-    tokenizer = load_tokenizer(params.model)
-    model = train.add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
     dataset = Dataset.from_dict(  # the columns stages.tokenize_mask writes
         {
             "input_ids": [ex["input_ids"] for ex in bench.examples],
@@ -276,9 +273,16 @@ def project_trainer(bench: Bench, meter: ThroughputMeter) -> Trainer:
             "length": [len(ex["input_ids"]) for ex in bench.examples],
         }
     )
+    params, plan = train.plan_memory(params, policy, dataset)  # training.max_memory_gib, as the stage plans it
+    set_seed(params.seed)
+    tokenizer = load_tokenizer(params.model)
+    model = train.add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
     # Never the project's models/checkpoints.
-    return train.build_trainer(params, policy, model, tokenizer, dataset, None, [meter],
-                               output_dir=str(bench.scratch / "project"))
+    trainer = train.build_trainer(params, policy, model, tokenizer, dataset, None, [meter],
+                                  output_dir=str(bench.scratch / "project"))
+    trainer.memory_plan = {**plan.describe(), "dequantize": params.training.dequantize,
+                           "max_tokens_per_micro_batch": params.training.max_tokens_per_micro_batch} if plan else None
+    return trainer
 
 
 BUILDERS: dict[str, Callable[[Bench, ThroughputMeter], Trainer]] = {
@@ -304,6 +308,7 @@ def describe_trainer(trainer: Trainer) -> dict[str, Any]:
         "gradient_checkpointing": checkpointing_on(base),
         "collator": type(collator).__name__,
         "attn_implementation": getattr(base.config, "_attn_implementation", None),
+        "memory_plan": getattr(trainer, "memory_plan", None),  # the project's, under training.max_memory_gib
     }
 
 

@@ -31,7 +31,7 @@ RUN_FINGERPRINT = "run.json"  # inside CHECKPOINTS: which params and data its ch
 # changing one keeps the checkpoints, so a run stopped for lack of memory resumes after its cap is lowered, and a
 # run on N processes can resume on another number of them.
 SPEED_AND_MEMORY_SWITCHES = ("max_tokens_per_micro_batch", "gradient_checkpointing", "compile", "dequantize",
-                             "padding_free", "per_device_eval_batch_size", "num_processes")
+                             "padding_free", "per_device_eval_batch_size", "num_processes", "max_memory_gib")
 
 
 def run_fingerprint(params: Params, data_dir: str | Path) -> str:

@@ -12,6 +12,7 @@ taking whole batches of the one-process plan, so the predictions are the same by
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
 import time
@@ -23,9 +24,10 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from stages import launch
+from stages.budget import Shape, budget_gib, cap_allocator, plan_generation
 from stages.errors import PipelineError, run_stage
 from stages.files import read_jsonl, write_json, write_jsonl
-from stages.modeling import DevicePolicy, choose_device, load_base_model, load_tokenizer
+from stages.modeling import DevicePolicy, choose_device, load_base_model, load_config, load_tokenizer
 from stages.params import Params, load_params
 from stages.prompt import end_of_turn_ids, generation_prompt_ids
 from stages.scoring import ROUGE_KEYS, score_corpus
@@ -235,21 +237,45 @@ def evaluate(which: str, parts: str | None = None) -> None:
 
 
 def model_and_prompts(params: Params, dialogues: list[str], adapter: str | None) -> tuple:
-    """The model ready for generation (with `adapter`, if given), its tokenizer, the dialogues' prompts and the
-    stop ids: what the evaluation and `stages.summarize` generate with."""
+    """The model ready for generation (with `adapter`, if given), its tokenizer, the dialogues' prompts, the stop ids
+    and the eval params as planned for the memory budget: what the evaluation and `stages.summarize` generate
+    with."""
     policy = choose_device(params.quantization)
     log.info("device: %s", policy.reason)
     tokenizer = load_tokenizer(params.model)
-    model = load_for_generation(params, policy, adapter)
     prompts = [generation_prompt_ids(tokenizer, params.prompt.instruction, d, params.prompt.date_string)
                for d in dialogues]
-    return model, tokenizer, prompts, stop_token_ids(tokenizer, model, params.prompt.date_string)
+    params = plan_memory(params, policy, max(map(len, prompts), default=1))
+    model = load_for_generation(params, policy, adapter)
+    return model, tokenizer, prompts, stop_token_ids(tokenizer, model, params.prompt.date_string), params.eval
+
+
+def plan_memory(params: Params, policy: DevicePolicy, longest_prompt: int) -> Params:
+    """The params with the generation settings that fit eval.max_memory_gib (else the GPU's memory); for an
+    explicit budget, torch's allocator held to it (stages/budget.py). The plan depends on the budget and the
+    longest prompt only, so every process of a several-process evaluation cuts the same batches."""
+    budget, source = budget_gib(params.eval.max_memory_gib, policy.device)
+    if budget is None:
+        return params
+    plan = plan_generation(
+        Shape.from_config(load_config(params.model)), params.eval, budget, use_4bit=params.quantization.use_4bit,
+        element=policy.compute_dtype.itemsize, longest_prompt=longest_prompt,
+        double_quant=params.quantization.bnb_4bit_use_double_quant,
+    )
+    said = f"memory budget {budget:.1f} GiB ({source}), estimated peak {plan.estimate_gib:.1f} GiB"
+    if plan.changed:
+        log.info("%s with %s: the settings as given would not fit", said, ", ".join(plan.changed))
+    else:
+        log.info("%s: the settings fit as given", said)
+    if params.eval.max_memory_gib is not None:
+        cap_allocator(budget, policy.device)
+    return dataclasses.replace(params, eval=plan.apply(params.eval))
 
 
 def generate_all(params: Params, dialogues: list[str], adapter: str | None) -> list[Generation]:
     """Greedy generations for `dialogues` in this process, in their order."""
-    model, tokenizer, prompts, stops = model_and_prompts(params, dialogues, adapter)
-    return generate(model, tokenizer, prompts, params.eval.max_new_tokens, params.eval.batch_size, stops)
+    model, tokenizer, prompts, stops, planned = model_and_prompts(params, dialogues, adapter)
+    return generate(model, tokenizer, prompts, planned.max_new_tokens, planned.batch_size, stops)
 
 
 def _adapter_of(which: str) -> str | None:
@@ -259,8 +285,9 @@ def _adapter_of(which: str) -> str | None:
 def generate_share(which: str, params: Params, rows: list[dict], parts: Path) -> None:
     """One worker's share: its batches of the one-process plan, written to parts/<rank>.jsonl."""
     launch.quiet_replicas()
-    model, tokenizer, prompts, stops = model_and_prompts(params, [r["dialogue"] for r in rows], _adapter_of(which))
-    mine = share_batches(plan_batches(prompts, params.eval.batch_size), prompts, params.eval.max_new_tokens,
+    model, tokenizer, prompts, stops, planned = model_and_prompts(params, [r["dialogue"] for r in rows],
+                                                                  _adapter_of(which))
+    mine = share_batches(plan_batches(prompts, planned.batch_size), prompts, params.eval.max_new_tokens,
                          launch.rank(), launch.world_size())
     results = generate_batches(model, tokenizer, prompts, mine, params.eval.max_new_tokens, stops)
     write_jsonl(parts / f"{launch.rank()}.jsonl",

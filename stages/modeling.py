@@ -12,7 +12,14 @@ from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from stages import hub
 from stages.errors import PipelineError
@@ -156,6 +163,14 @@ def quantization_config(quant: QuantizationParams, policy: DevicePolicy) -> Bits
         bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=policy.compute_dtype,
     )
+
+
+def load_config(model: ModelParams) -> PretrainedConfig:
+    """The base model's config alone (sizes for the memory plan), without its weights."""
+    return _from_folder_hub_or_cache(
+        lambda **hub_args: AutoConfig.from_pretrained(
+            model.base_model, revision=model.revision, trust_remote_code=False, **hub_args
+        ), model.base_model, "model.base_model")
 
 
 def load_base_model(model: ModelParams, quant: QuantizationParams, policy: DevicePolicy) -> torch.nn.Module:

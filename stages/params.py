@@ -91,6 +91,7 @@ class TrainingParams:
     dequantize: bool = True
     upcast_frozen: bool = False
     compile: bool = True
+    max_memory_gib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class EvalParams:
     batch_size: int = 128
     max_samples: int | None = None
     dequantize: bool = True
+    max_memory_gib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,9 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "training.save_total_limit": (_positive, "an integer > 0"),
     "training.eval_steps": (_positive, "an integer > 0"),
     "training.per_device_eval_batch_size": (_positive, "an integer > 0"),
+    "training.max_memory_gib": (lambda v: v is None or v > 1,
+                                "null (the GPU's memory) or a number of GiB > 1 (e.g. 16)"),
+    "eval.max_memory_gib": (lambda v: v is None or v > 1, "null (the GPU's memory) or a number of GiB > 1 (e.g. 16)"),
     "eval.max_new_tokens": (_positive, "an integer > 0"),
     "eval.batch_size": (_positive, "an integer > 0"),
     "eval.max_samples": (_positive, "null (the whole test split) or an integer > 0"),

@@ -12,10 +12,13 @@ and resumes from its last checkpoint after that change.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import statistics
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from peft import LoraConfig, get_peft_model
@@ -24,6 +27,7 @@ from transformers.trainer_pt_utils import AcceleratorConfig
 
 from stages import attention, launch
 from stages.batching import FlatCollator, PadCollator
+from stages.budget import Shape, TrainPlan, budget_gib, cap_allocator, plan_training
 from stages.checkpoints import (
     CHECKPOINTS,
     checkpoint_step,
@@ -38,7 +42,14 @@ from stages.curves import curves_callback
 from stages.errors import PipelineError, run_stage
 from stages.files import atomic_dir, write_json
 from stages.microbatch import TokenCappedTrainer, out_of_memory_error
-from stages.modeling import DevicePolicy, choose_device, load_base_model, load_tokenizer, peak_memory_gib
+from stages.modeling import (
+    DevicePolicy,
+    choose_device,
+    load_base_model,
+    load_config,
+    load_tokenizer,
+    peak_memory_gib,
+)
 from stages.objective import summary_loss
 from stages.params import Params, load_params
 
@@ -213,6 +224,35 @@ def file_mb(path: str | Path) -> float:
     return Path(path).stat().st_size / 1e6
 
 
+def plan_memory(params: Params, policy: DevicePolicy, train_data: Dataset) -> tuple[Params, TrainPlan | None]:
+    """The params with the speed and memory switches that fit training.max_memory_gib (else the GPU's memory), the
+    plan, and, for an explicit budget, torch's allocator held to it (stages/budget.py)."""
+    t = params.training
+    budget, source = budget_gib(t.max_memory_gib, policy.device)
+    if budget is None:
+        return params, None
+    per_process = max(1, t.per_device_train_batch_size // t.num_processes)  # the batch is split between processes
+    lengths = sorted(train_data["length"])
+    labels = pc.list_flatten(train_data.data.column("labels"))
+    loss_fraction = pc.sum(pc.not_equal(labels, -100)).as_py() / max(1, len(labels))
+    largest = per_process * lengths[-1] if not t.padding_free else sum(lengths[-per_process:])
+    plan = plan_training(
+        Shape.from_config(load_config(params.model)), t, budget, use_4bit=params.quantization.use_4bit,
+        element=policy.compute_dtype.itemsize, lora_r=params.lora.r, lora_targets=params.lora.target_modules,
+        mean_step_tokens=per_process * statistics.fmean(lengths), largest_step_tokens=largest,
+        longest_example=lengths[-1], loss_fraction=loss_fraction,
+        double_quant=params.quantization.bnb_4bit_use_double_quant,
+    )
+    said = f"memory budget {budget:.1f} GiB ({source}), estimated peak {plan.estimate_gib:.1f} GiB"
+    if plan.changed:
+        log.info("%s with %s: the settings as given would not fit", said, ", ".join(plan.changed))
+    else:
+        log.info("%s: the settings fit as given", said)
+    if t.max_memory_gib is not None:
+        cap_allocator(budget, policy.device)
+    return dataclasses.replace(params, training=plan.apply(t)), plan
+
+
 def launch_workers(params: Params) -> None:
     """Train as training.num_processes data-parallel processes: the checkpoint folder is prepared here, once, and the
     workers (this module again, under accelerate's launcher) train from it."""
@@ -248,6 +288,7 @@ def train(params: Params) -> None:
         raise PipelineError(f"{TOKENIZED} not found: run `dvc repro tokenize_mask` first") from None
     if not isinstance(data, DatasetDict) or "train" not in data:
         raise PipelineError(f"{TOKENIZED} has no train split: re-run `dvc repro tokenize_mask`")
+    params, plan = plan_memory(params, policy, data["train"])
     set_seed(params.seed)
     tokenizer = load_tokenizer(params.model)
     model = add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
@@ -320,6 +361,7 @@ def train(params: Params) -> None:
             "dequantized": params.quantization.use_4bit and params.training.dequantize,
             "compiled": params.training.compile and policy.device == "cuda",
             "upcast_frozen": params.training.upcast_frozen,
+            "memory_plan": plan.describe() if plan else None,
         },
     )
     log.info("adapter saved to %s", ADAPTER)

@@ -231,7 +231,8 @@ def test_bench_loop_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
               "--data-dir", str(tmp_path / "data")]
     out = bench_loop.main([*common, "--parts", "job,rerun", "--out", str(tmp_path / "out")])
     report = _read_report(tmp_path / "out", "loop")
-    assert report["failed"] == [] and report["results"].keys() == {"job", "rerun"} and not report["config"]["reused_job"]
+    assert report["failed"] == [] and report["results"].keys() == {"job", "rerun"}
+    assert not report["config"]["reused_job"]
     assert report["source"]["commit"] and report["tools"]["dvc"] and report == json.loads(json.dumps(out))
     # A second call with the same --workdir starts from that job (its baseline evaluation stays cached).
     bench_loop.main([*common, "--parts", "sweep", "--grid", "lora.r=4,16", "--jobs", "2",

@@ -4,7 +4,14 @@ import pytest
 
 from stages.errors import PipelineError
 from stages.params import PromptParams
-from stages.prompt import IGNORE_INDEX, build_example, build_examples, end_of_turn_ids, generation_prompt_ids, has_generation_markers
+from stages.prompt import (
+    IGNORE_INDEX,
+    build_example,
+    build_examples,
+    end_of_turn_ids,
+    generation_prompt_ids,
+    has_generation_markers,
+)
 from stages.tokenize_mask import tokenize_split
 
 INSTRUCTION = "Summarize this dialogue."
