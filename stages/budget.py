@@ -154,6 +154,16 @@ def activation_bytes_per_token(shape: Shape, element: int, checkpointing: bool, 
     return layers + loss_fraction * shape.vocab * LOGIT_BYTES
 
 
+def training_bytes(shape: Shape, tokens: int, *, use_4bit: bool, unpacked: bool, checkpointing: bool, element: int,
+                   loss_fraction: float, lora_r: int = 8, lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+                   double_quant: bool = True) -> float:
+    """Estimated peak bytes torch's allocator holds in a training pass of `tokens` tokens (no headroom, no
+    context)."""
+    fixed = base_bytes(shape, use_4bit, unpacked, element, double_quant)
+    fixed += lora_weights(shape, lora_r, list(lora_targets)) * LORA_STATE_BYTES
+    return fixed + tokens * activation_bytes_per_token(shape, element, checkpointing, loss_fraction)
+
+
 def _gib(bytes_: float) -> float:
     return bytes_ * HEADROOM / GIB + CONTEXT_GIB
 

@@ -1,0 +1,199 @@
+"""The memory budget (stages/budget.py): estimates against peaks measured on a GPU, the plans it picks, its errors,
+and the train and evaluate stages applying it."""
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from benchmarks.llama_shaped import SHAPES
+from conftest import TINY_MODEL
+from stages import budget, evaluate, train
+from stages.budget import GIB, Shape, plan_generation, plan_training, training_bytes
+from stages.errors import PipelineError
+from stages.modeling import DevicePolicy
+from stages.params import EvalParams, Params, TrainingParams
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+SAMSUM_LOSS_FRACTION = 0.155  # summary tokens of a SAMSum-length example through the Llama 3 template
+# SAMSum through the Llama 3 template, 16 sequences per step: an average step, and the most a step can hold.
+MEAN_STEP, LARGEST_STEP, LONGEST = 16 * 296, 16 * 512, 512
+
+
+def shape(name: str) -> Shape:
+    from transformers import LlamaConfig
+
+    s = SHAPES[name]
+    return Shape.from_config(LlamaConfig(
+        vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_key_value_heads, head_dim=s.head_dim, tie_word_embeddings=s.tie_word_embeddings))
+
+
+def test_shape_counts_the_hub_models_weights():
+    # Linear layers + embeddings (+ norms, which the estimates leave out): the published parameter counts.
+    for name, published in [("1B", 1_235_814_400), ("8B", 8_030_261_248)]:
+        s = shape(name)
+        norms = s.layers * 2 * s.hidden + s.hidden
+        assert s.linear_weights + s.embedding_weights + norms == published
+
+
+def _measured_1b() -> list[tuple[str, int, bool, float]]:
+    """(case, tokens of the heaviest pass, checkpointing, measured peak GiB) from the memory benchmark (1B shape,
+    base unpacked to bf16, compiled layers): typical and heavy steps, a cap of 2560 tokens, checkpointing."""
+    memory = json.loads((RESULTS / "memory-nvidia-h200-2026-11-29.json").read_text())
+    steps = memory["config"]["step_tokens"]
+    typical, heavy = max(steps[:10]), max(steps[10:])
+    rows = {r["setting"]: r for r in memory["results"]}
+    return [("typical steps", typical, False, rows["cap null"]["peak_gib_typical"]),
+            ("heavy steps", heavy, False, rows["cap null"]["peak_gib_heavy"]),
+            ("cap 2560", 2560, False, rows["cap 2560"]["peak_gib_heavy"]),
+            ("checkpointing, heavy steps", heavy, True, rows["checkpointing, no cap"]["peak_gib_heavy"])]
+
+
+@pytest.mark.parametrize("case,tokens,checkpointing,measured", _measured_1b(), ids=lambda v: str(v))
+def test_estimates_follow_the_1b_peaks_measured_on_a_gpu(case, tokens, checkpointing, measured):
+    estimate = training_bytes(shape("1B"), tokens, use_4bit=True, unpacked=True, checkpointing=checkpointing,
+                              element=2, loss_fraction=SAMSUM_LOSS_FRACTION) / GIB
+    assert measured * 0.97 <= estimate <= measured * 1.05, (case, estimate, measured)
+
+
+def test_estimate_follows_the_8b_peak_measured_on_a_gpu():
+    # 8B shape, 4-bit base, no checkpointing, passes of at most 2048 tokens (every step of that run was longer).
+    run = json.loads((RESULTS / "train-nvidia-h200-2026-11-29-8b-4bit-cap2048.json").read_text())
+    result = run["results"][0]
+    estimate = training_bytes(shape("8B"), 2048, use_4bit=True, unpacked=False, checkpointing=False, element=2,
+                              loss_fraction=result["loss_token_fraction"]) / GIB
+    assert result["peak_memory_gib"] * 0.97 <= estimate <= result["peak_memory_gib"] * 1.05
+
+
+def plan(name: str, gib: float, training: TrainingParams | None = None, **kw):
+    defaults = dict(use_4bit=True, element=2, lora_r=8, lora_targets=["q_proj", "v_proj"], mean_step_tokens=MEAN_STEP,
+                    largest_step_tokens=LARGEST_STEP, longest_example=LONGEST, loss_fraction=SAMSUM_LOSS_FRACTION)
+    return plan_training(shape(name), training or TrainingParams(), gib, **{**defaults, **kw})
+
+
+def test_the_default_1b_job_on_a_large_card_is_left_as_it_is():
+    chosen = plan("1B", 139.8)
+    assert chosen.changed == () and chosen.apply(TrainingParams()) == TrainingParams()
+
+
+def test_1b_within_6_gib_checkpoints_and_keeps_the_base_unpacked():
+    chosen = plan("1B", 6)
+    assert (chosen.dequantize, chosen.gradient_checkpointing) == (True, True)
+    assert MEAN_STEP <= chosen.max_tokens_per_micro_batch < LARGEST_STEP and chosen.estimate_gib <= 6
+    assert chosen.changed == ("training.gradient_checkpointing=true",
+                              f"training.max_tokens_per_micro_batch={chosen.max_tokens_per_micro_batch} (from 8192)")
+
+
+@pytest.mark.parametrize("gib", [12, 16])
+def test_8b_on_small_cards_trains_over_the_4bit_base_with_checkpointing(gib):
+    chosen = plan("8B", gib)
+    assert (chosen.dequantize, chosen.gradient_checkpointing, chosen.max_tokens_per_micro_batch) == (False, True, 8192)
+    assert chosen.estimate_gib <= gib
+    assert chosen.changed == ("training.dequantize=false (the 4-bit base)", "training.gradient_checkpointing=true")
+
+
+def test_8b_on_a_24_gib_card_checkpoints_over_the_unpacked_base():
+    # 15 GiB of bf16 weights leave room for checkpointed activations: faster than unpacking in every matmul.
+    chosen = plan("8B", 23.6)
+    assert (chosen.dequantize, chosen.gradient_checkpointing) == (True, True) and chosen.estimate_gib <= 23.6
+
+
+def test_8b_on_an_80_gib_card_keeps_the_fast_settings():
+    assert plan("8B", 80).changed == ()
+
+
+def test_3b_within_16_gib_lowers_the_cap_while_most_steps_still_run_whole():
+    # The benchmark's examples (mean 211 tokens): a cap above the mean step splits only the heaviest steps; the
+    # plan the GPU run logged (train-nvidia-h200-2026-11-29-3b-budget16.json).
+    run = json.loads((RESULTS / "train-nvidia-h200-2026-11-29-3b-budget16.json").read_text())
+    data, measured = run["config"]["data"], run["results"][-1]
+    chosen = plan("3B", 16, mean_step_tokens=16 * data["length_mean"], largest_step_tokens=16 * data["length_max"],
+                  longest_example=data["length_max"], loss_fraction=data["loss_token_fraction"])
+    assert (chosen.dequantize, chosen.gradient_checkpointing) == (False, False)
+    assert chosen.max_tokens_per_micro_batch == measured["settings"]["memory_plan"]["max_tokens_per_micro_batch"]
+    assert measured["peak_memory_gib"] <= 16
+    # SAMSum's own lengths (mean 296): that cap would split most steps, so the plan checkpoints instead.
+    assert plan("3B", 16).gradient_checkpointing
+
+
+def test_a_users_memory_switches_are_never_undone():
+    # Checkpointing and the 4-bit base asked for stay, even where the budget would allow more.
+    asked = TrainingParams(gradient_checkpointing=True, dequantize=False)
+    chosen = plan("1B", 139.8, asked)
+    assert (chosen.dequantize, chosen.gradient_checkpointing, chosen.changed) == (False, True, ())
+
+
+def test_an_unreachable_budget_says_what_the_model_needs():
+    with pytest.raises(PipelineError) as err:
+        plan("8B", 5)
+    message = str(err.value)
+    assert message.startswith("training.max_memory_gib=5: this model needs about ")
+    assert "raise training.max_memory_gib" in message and "\n" not in message
+
+
+def test_generation_plans():
+    ev = EvalParams()
+    assert plan_generation(shape("1B"), ev, 139.8, use_4bit=True, element=2, longest_prompt=900).changed == ()
+    # The plans the GPU runs logged for prompts of up to 486 tokens (eval-nvidia-h200-2026-11-29-{3b,8b}-budget16).
+    eight = plan_generation(shape("8B"), ev, 16, use_4bit=True, element=2, longest_prompt=486)
+    assert (eight.dequantize, eight.batch_size) == (False, 64) and eight.estimate_gib <= 16
+    three = plan_generation(shape("3B"), ev, 16, use_4bit=True, element=2, longest_prompt=486)
+    assert (three.dequantize, three.batch_size) == (True, 64)
+    assert plan_generation(shape("1B"), replace(ev, dequantize=False), 139.8, use_4bit=True, element=2,
+                           longest_prompt=900).dequantize is False
+    with pytest.raises(PipelineError, match=r"^eval.max_memory_gib=3: generating one 900-token prompt needs about"):
+        plan_generation(shape("8B"), ev, 3, use_4bit=True, element=2, longest_prompt=900)
+
+
+CPU = DevicePolicy("cpu", torch.float32, "adamw_torch", False, "test")
+
+
+def _params(model_dir: Path, **training) -> Params:
+    params = Params()
+    return replace(params, model=replace(params.model, base_model=str(model_dir), tokenizer_type=None),
+                   training=replace(params.training, **training))
+
+
+def test_train_stage_applies_the_plan_and_says_so(caplog, monkeypatch):
+    capped = []
+    monkeypatch.setattr(train, "cap_allocator", lambda gib, device: capped.append((gib, device)))
+    rows = Dataset.from_dict({"input_ids": [[1] * n for n in (300, 500, 200)],
+                              "labels": [[-100] * (n - 30) + [1] * 30 for n in (300, 500, 200)],
+                              "length": [300, 500, 200]})
+    params = _params(TINY_MODEL)
+    s = Shape.from_config(budget_config(TINY_MODEL))
+    # A budget between what checkpointing and what full activations need for the largest step on this model.
+    per_token = budget.activation_bytes_per_token(s, 4, False, 0.1)
+    fixed = budget.base_bytes(s, True, True, 4) + budget.lora_weights(s, 8, ["q_proj", "v_proj"]) * 16
+    gib = budget._gib(fixed + per_token * 700)
+    with caplog.at_level(logging.INFO, logger="stages.train"):
+        planned, chosen = train.plan_memory(replace(params, training=replace(params.training, max_memory_gib=gib)),
+                                            CPU, rows)
+    assert planned.training.max_tokens_per_micro_batch < 1000 or planned.training.gradient_checkpointing
+    assert chosen.changed and capped == [(gib, "cpu")]
+    assert f"memory budget {gib:.1f} GiB (set)" in caplog.text and "would not fit" in caplog.text
+    # No budget on CPU: nothing planned, nothing capped.
+    assert train.plan_memory(params, CPU, rows) == (params, None) and len(capped) == 1
+
+
+def test_evaluate_stage_applies_the_plan(monkeypatch):
+    monkeypatch.setattr(evaluate, "cap_allocator", lambda gib, device: None)
+    params = _params(TINY_MODEL)
+    s = Shape.from_config(budget_config(TINY_MODEL))
+    room = budget.base_bytes(s, True, True, 4) + budget.generation_bytes(s, 20, 200, 64, 4)
+    small = replace(params, eval=replace(params.eval, max_memory_gib=budget._gib(room)))
+    planned = evaluate.plan_memory(small, CPU, 200)
+    assert planned.eval.batch_size == 16 and planned.eval.dequantize
+    assert evaluate.plan_memory(params, CPU, 200) == params
+
+
+def budget_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
