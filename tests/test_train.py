@@ -51,7 +51,7 @@ def test_fingerprint_follows_training_params_and_data(tmp_path):
     assert run_fingerprint(replace(params, eval=replace(params.eval, batch_size=1)), data) == base
     faster_or_smaller = {"max_tokens_per_micro_batch": 512, "gradient_checkpointing": True, "compile": False,
                          "dequantize": False, "padding_free": False, "per_device_eval_batch_size": 1,
-                         "num_processes": 2}
+                         "num_processes": 2, "max_memory_gib": 8}
     assert set(faster_or_smaller) == set(SPEED_AND_MEMORY_SWITCHES)
     for switch, value in faster_or_smaller.items():
         assert getattr(params.training, switch) != value
