@@ -190,13 +190,13 @@ def plan_training(shape: Shape, training: TrainingParams, budget_gib: float, *, 
         fixed = base_bytes(shape, use_4bit, unpacked, element, double_quant) + lora
         per_token = activation_bytes_per_token(shape, element, checkpointing, loss_fraction)
         fits = _tokens_that_fit(budget_gib, fixed, per_token)
-        # Checkpointing is what lets a step run whole: without it, a cap below the mean step would split most
-        # steps, slower than checkpointing them (README, Memory budget).
-        floor = longest_example if checkpointing else max(longest_example, math.ceil(mean_step_tokens))
         tried.append(f"{_words(unpacked, checkpointing, use_4bit)}: {fits:,} tokens per pass fit")
-        if fits < floor:
-            continue
         largest_pass = min(cap or largest_step_tokens, largest_step_tokens)
+        # A lower cap, if needed: never below the longest example, and without checkpointing not below the mean
+        # step either, since most steps would then be split, slower than checkpointing them (README, Memory budget).
+        floor = longest_example if checkpointing else max(longest_example, math.ceil(mean_step_tokens))
+        if largest_pass > fits and fits < floor:
+            continue
         new_cap = cap if largest_pass <= fits else fits
         estimate = _gib(fixed + per_token * min(new_cap or largest_pass, largest_pass))
         changed = []
@@ -211,8 +211,9 @@ def plan_training(shape: Shape, training: TrainingParams, budget_gib: float, *, 
     smallest = base_bytes(shape, use_4bit, False, element, double_quant) + lora + longest_example * (
         activation_bytes_per_token(shape, element, True, loss_fraction))
     raise PipelineError(
-        f"training.max_memory_gib={budget_gib:g}: this model needs about {_gib(smallest):.1f} GiB even with the "
-        f"4-bit base, activation checkpointing and one {longest_example}-token example per pass "
+        f"training.max_memory_gib={budget_gib:g}: this model needs about {_gib(smallest):.1f} GiB even with "
+        f"{'the 4-bit base, ' if use_4bit else ''}activation checkpointing and one {longest_example}-token example "
+        "per pass "
         f"({'; '.join(tried)}); raise training.max_memory_gib, lower prompt.max_length or use a smaller base"
     )
 

@@ -116,6 +116,8 @@ def out_of_memory_error(err: BaseException, trainer: TokenCappedTrainer, trainin
     wanted = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", str(err))
     if wanted:
         memory += f", {wanted.group(1)} more wanted"
+    if training.max_memory_gib is not None:  # the allocator was held to it (stages/budget.py)
+        memory += f", held to training.max_memory_gib={training.max_memory_gib:g}"
     if tokens is None and not trainer.model.training:
         where = f"computing the validation loss after step {step:,}"
         fixes = [f"lower training.per_device_eval_batch_size (now {training.per_device_eval_batch_size})"]

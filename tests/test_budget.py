@@ -129,6 +129,12 @@ def test_a_users_memory_switches_are_never_undone():
     assert (chosen.dequantize, chosen.gradient_checkpointing, chosen.changed) == (False, True, ())
 
 
+def test_a_users_small_cap_that_fits_is_kept():
+    # Below the mean step (most steps split), but it fits: the user's choice stands.
+    chosen = plan("1B", 8, replace(TrainingParams(), max_tokens_per_micro_batch=2048))
+    assert (chosen.changed, chosen.max_tokens_per_micro_batch, chosen.gradient_checkpointing) == ((), 2048, False)
+
+
 def test_an_unreachable_budget_says_what_the_model_needs():
     with pytest.raises(PipelineError) as err:
         plan("8B", 5)

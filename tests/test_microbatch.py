@@ -168,6 +168,11 @@ def test_out_of_memory_names_the_switches_with_this_runs_numbers(tmp_path):
     assert message.endswith("); set training.max_tokens_per_micro_batch below 7,000 (now null: one pass per "
                             "micro-batch); no checkpoint had been saved yet, so `dvc repro` starts over")
 
+    # Under a budget, the line says the allocator was held to it.
+    budgeted = replace(params, max_memory_gib=12)
+    message = str(out_of_memory_error(err, fake_trainer(3, 7000, True), budgeted, str(tmp_path / "none")))
+    assert " GiB, 1.95 GiB more wanted, held to training.max_memory_gib=12); set training.max_tokens" in message
+
     # In the validation loss: the eval batch is what to lower.
     message = str(out_of_memory_error(RuntimeError(), fake_trainer(100, None, False), params, str(tmp_path)))
     assert message.startswith("CUDA ran out of memory computing the validation loss after step 100 (peak ")
