@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -60,11 +61,13 @@ def test_queue_runs_two_experiments_at_once_reports_the_failed_one_and_leaves_th
     for label, args in [*GOOD.items(), ("bad", BAD)]:
         out = run_dvc(repo, "exp", "run", "--queue", *args, env=env).stdout
         names[label] = out.split("Queued experiment '")[1].split("'")[0]
+    started = time.time()
     start_queue(repo, env, 2, tmp_path / "queue.log")
     try:
-        final = wait_for_queue(repo, env, timeout=240, poll=3)
+        final, _, emptied = wait_for_queue(repo, env, timeout=240, started=started, poll=3)
     finally:
         run_dvc(repo, "queue", "stop", env=env, check=False)
+    assert emptied, final
     status = {row["name"]: row["status"] for row in final}
     assert status == {names["r4"]: "Success", names["r16"]: "Success", names["bad"]: "Failed"}, status
 
