@@ -272,6 +272,19 @@ def budget_gib(configured: float | None, device: str) -> tuple[float | None, str
     return total / GIB, "the GPU's memory"
 
 
+def adopt(plan: TrainPlan | EvalPlan, source: str, configured: float | None, device: str,
+          stage_log: logging.Logger) -> None:
+    """Say on the stage's log what the plan changed, with the budget (and where it comes from) and the estimate;
+    for a budget set in params, hold torch's allocator to it."""
+    said = f"memory budget {plan.budget_gib:.1f} GiB ({source}), estimated peak {plan.estimate_gib:.1f} GiB"
+    if plan.changed:
+        stage_log.info("%s with %s: the settings as given would not fit", said, ", ".join(plan.changed))
+    else:
+        stage_log.info("%s: the settings fit as given", said)
+    if configured is not None:
+        cap_allocator(plan.budget_gib, device)
+
+
 def cap_allocator(budget: float, device: str) -> None:
     """Hold torch's allocator to an explicit budget (less the context), so that no estimate error can make a stage
     take more than the user allowed: past it, allocation fails with the out-of-memory line."""

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from stages import launch
-from stages.budget import Shape, budget_gib, cap_allocator, plan_generation
+from stages.budget import Shape, adopt, budget_gib, plan_generation
 from stages.errors import PipelineError, run_stage
 from stages.files import read_jsonl, write_json, write_jsonl
 from stages.modeling import DevicePolicy, choose_device, load_base_model, load_config, load_tokenizer
@@ -262,13 +262,7 @@ def plan_memory(params: Params, policy: DevicePolicy, longest_prompt: int) -> Pa
         element=policy.compute_dtype.itemsize, longest_prompt=longest_prompt,
         double_quant=params.quantization.bnb_4bit_use_double_quant,
     )
-    said = f"memory budget {budget:.1f} GiB ({source}), estimated peak {plan.estimate_gib:.1f} GiB"
-    if plan.changed:
-        log.info("%s with %s: the settings as given would not fit", said, ", ".join(plan.changed))
-    else:
-        log.info("%s: the settings fit as given", said)
-    if params.eval.max_memory_gib is not None:
-        cap_allocator(budget, policy.device)
+    adopt(plan, source, params.eval.max_memory_gib, policy.device, log)
     return dataclasses.replace(params, eval=plan.apply(params.eval))
 
 

@@ -27,7 +27,7 @@ from transformers.trainer_pt_utils import AcceleratorConfig
 
 from stages import attention, launch
 from stages.batching import FlatCollator, PadCollator
-from stages.budget import Shape, TrainPlan, budget_gib, cap_allocator, plan_training
+from stages.budget import Shape, TrainPlan, adopt, budget_gib, plan_training
 from stages.checkpoints import (
     CHECKPOINTS,
     checkpoint_step,
@@ -243,13 +243,7 @@ def plan_memory(params: Params, policy: DevicePolicy, train_data: Dataset) -> tu
         longest_example=lengths[-1], loss_fraction=loss_fraction,
         double_quant=params.quantization.bnb_4bit_use_double_quant,
     )
-    said = f"memory budget {budget:.1f} GiB ({source}), estimated peak {plan.estimate_gib:.1f} GiB"
-    if plan.changed:
-        log.info("%s with %s: the settings as given would not fit", said, ", ".join(plan.changed))
-    else:
-        log.info("%s: the settings fit as given", said)
-    if t.max_memory_gib is not None:
-        cap_allocator(budget, policy.device)
+    adopt(plan, source, t.max_memory_gib, policy.device, log)
     return dataclasses.replace(params, training=plan.apply(t)), plan
 
 

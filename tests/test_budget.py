@@ -168,7 +168,7 @@ def _params(model_dir: Path, **training) -> Params:
 
 def test_train_stage_applies_the_plan_and_says_so(caplog, monkeypatch):
     capped = []
-    monkeypatch.setattr(train, "cap_allocator", lambda gib, device: capped.append((gib, device)))
+    monkeypatch.setattr(budget, "cap_allocator", lambda gib, device: capped.append((gib, device)))
     rows = Dataset.from_dict({"input_ids": [[1] * n for n in (300, 500, 200)],
                               "labels": [[-100] * (n - 30) + [1] * 30 for n in (300, 500, 200)],
                               "length": [300, 500, 200]})
@@ -189,7 +189,7 @@ def test_train_stage_applies_the_plan_and_says_so(caplog, monkeypatch):
 
 
 def test_evaluate_stage_applies_the_plan(monkeypatch):
-    monkeypatch.setattr(evaluate, "cap_allocator", lambda gib, device: None)
+    monkeypatch.setattr(budget, "cap_allocator", lambda gib, device: None)
     params = _params(TINY_MODEL)
     s = Shape.from_config(budget_config(TINY_MODEL))
     room = budget.base_bytes(s, True, True, 4) + budget.generation_bytes(s, 20, 200, 64, 4)
