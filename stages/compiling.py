@@ -55,18 +55,21 @@ def compile_rank_as_symbol(layers: list[torch.nn.Module]) -> None:
 
 
 def skip_cpu_isa_probe() -> None:
-    """Take the CPU's vector instruction set from what torch detected rather than from test builds.
+    """Skip inductor's CPU vector-instruction test builds: the decoder layers compile to CUDA kernels only.
 
-    Before it compiles or looks up a graph, inductor checks which CPU vector instructions its C++ code may use
-    by compiling and loading a small program for each candidate, in every new process: 22 s of a 48 s
-    warm-cache compile on an H200 host (benchmarks/results/compile-nvidia-h200-2026-11-29-profiled-r8-warm.txt).
-    The decoder layers compile to CUDA kernels, which that check does not concern. TORCHINDUCTOR_VEC_ISA_OK,
-    when set, still decides.
+    Before it compiles or looks up a graph, inductor asks which CPU vector instructions its C++ code may use, in
+    every new process, by compiling a small program per candidate (AVX2, AVX-512, its BF16 and VNNI forms, AMX)
+    and loading each in a child Python. On an H200 host that was 22 s of a 48 s warm-cache compile
+    (benchmarks/results/compile-nvidia-h200-2026-11-29-profiled-r8-warm.txt). Declaring the base check passed
+    (`vec_isa_ok = True`) still leaves the AVX-512 extensions and AMX to test-build: six child processes, 25 s
+    of every train stage (loop-nvidia-h200-2026-11-29-batched-tokenize-stage-timings.jsonl, the `-c` rows).
+    Declaring it failed skips them all; inductor then emits no vectorized CPU code, which this model's compiled
+    graphs, all on the GPU, never contain. TORCHINDUCTOR_VEC_ISA_OK, when set, still decides.
     """
     import torch._inductor.config as inductor_config
 
     if inductor_config.cpp.vec_isa_ok is None:
-        inductor_config.cpp.vec_isa_ok = True
+        inductor_config.cpp.vec_isa_ok = False
 
 
 def start_compile_workers() -> None:

@@ -86,14 +86,27 @@ def test_without_it_each_rank_compiles_again(fresh_dynamo):
     assert results[1][2] >= 1
 
 
-def test_the_cpu_isa_probe_is_skipped_unless_the_user_decided():
+def test_the_cpu_isa_probe_builds_nothing_unless_the_user_decided(monkeypatch):
+    """No candidate instruction set, base or extension (AVX-512 BF16/VNNI, AMX), is test-built and loaded."""
     import torch._inductor.config as inductor_config
+    from torch._inductor import cpu_vec_isa
 
     from stages.compiling import skip_cpu_isa_probe
 
+    def forget_answers():  # each ISA caches its answer per process (functools.cache on __bool__)
+        for isa in candidates:
+            getattr(isa.__bool__, "cache_clear", lambda: None)()
+
+    builds = []
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", lambda self, code: builds.append(str(self)) or True)
+    candidates = [cpu_vec_isa.VecAMX, cpu_vec_isa.VecAVX512VNNI, cpu_vec_isa.VecAVX512, cpu_vec_isa.VecAVX2]
+    forget_answers()
     with inductor_config.patch({"cpp.vec_isa_ok": None}):
         skip_cpu_isa_probe()
-        assert inductor_config.cpp.vec_isa_ok is True
-    with inductor_config.patch({"cpp.vec_isa_ok": False}):  # TORCHINDUCTOR_VEC_ISA_OK=0
+        assert [bool(isa()) for isa in candidates] == [False] * 4
+        assert cpu_vec_isa.valid_vec_isa_list.__wrapped__() == []
+    forget_answers()
+    assert builds == []
+    with inductor_config.patch({"cpp.vec_isa_ok": True}):  # TORCHINDUCTOR_VEC_ISA_OK=1: the user's choice stands
         skip_cpu_isa_probe()
-        assert inductor_config.cpp.vec_isa_ok is False
+        assert inductor_config.cpp.vec_isa_ok is True
