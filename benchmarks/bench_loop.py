@@ -447,17 +447,22 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 continue
             out["results"][part] = result
             print_part(part, result)
-            path = write(out, args)
+            path = write(out, args, timings)
     finally:
-        path = write(out, args)
+        path = write(out, args, timings)
         if not args.keep and not args.workdir:
             run_dvc(project, "queue", "stop", env=env, check=False)
             shutil.rmtree(work, ignore_errors=True)
     return out, path
 
 
-def write(out: dict[str, Any], args: argparse.Namespace) -> Path:
-    return report.write_results(out, args.out, args.tiny, args.label)
+def write(out: dict[str, Any], args: argparse.Namespace, timings: Path) -> Path:
+    """The JSON results, and beside them the per-process stage timings they were computed from
+    (<results>-stage-timings.jsonl)."""
+    path = report.write_results(out, args.out, args.tiny, args.label)
+    if timings.is_file():
+        shutil.copyfile(timings, path.with_name(f"{path.stem}-stage-timings.jsonl"))
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

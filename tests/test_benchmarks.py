@@ -234,6 +234,10 @@ def test_bench_loop_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert report["failed"] == [] and report["results"].keys() == {"job", "rerun"}
     assert not report["config"]["reused_job"]
     assert report["source"]["commit"] and report["tools"]["dvc"] and report == json.loads(json.dumps(out))
+    # Beside the results, the stage timings they were computed from: one line per process, the train stage's too.
+    timed = [json.loads(line) for path in (tmp_path / "out").glob("loop-*-stage-timings.jsonl")
+             for line in path.read_text(encoding="utf-8").splitlines()]
+    assert any(row["argv"][-1].endswith("train.py") for row in timed), timed
     # A second call with the same --workdir starts from that job (its baseline evaluation stays cached).
     bench_loop.main([*common, "--parts", "sweep", "--grid", "lora.r=4,16", "--jobs", "2",
                      "--out", str(tmp_path / "out2")])
