@@ -20,7 +20,7 @@ import time
 import torch
 from transformers import ProgressCallback, Trainer
 
-from stages.batching import split_batch
+from stages.batching import FlatCollator, group_examples, split_batch
 from stages.checkpoints import CHECKPOINTS, resume_advice
 from stages.errors import PipelineError
 from stages.modeling import peak_memory_gib
@@ -59,20 +59,21 @@ class TokenCappedTrainer(Trainer):
         """The validation loss as the training loss is defined: the mean over all summary tokens of the split.
 
         Each process sums the token losses of every N-th example and counts their tokens; the sums are added over
-        processes. The value is the same for any number of processes and any per_device_eval_batch_size (up to
-        float rounding), where the Trainer's own evaluation averages per-batch means and, on several processes,
-        repeats examples to even out the last batch.
+        processes. The value is the same for any number of processes and any batching (up to float rounding),
+        where the Trainer's own evaluation averages per-batch means and, on several processes, repeats examples to
+        even out the last batch. With a token cap, a validation pass takes whole examples up to `max_tokens`
+        tokens, as a training pass does but with no activations kept, so it never needs more memory than one;
+        without one, per_device_eval_batch_size examples. The passes are collated once and reused at every
+        evaluation.
         """
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         started = time.perf_counter()
         model = self.model
         model.eval()
-        share = range(self.args.process_index, len(dataset), self.args.world_size)
-        size = self.args.per_device_eval_batch_size
         sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # summed token loss, loss tokens
         with torch.no_grad():
-            for start in range(0, len(share), size):
-                batch = self._prepare_inputs(self.data_collator([dataset[i] for i in share[start:start + size]]))
+            for batch in self._validation_passes(dataset):
+                batch = self._prepare_inputs(batch)
                 with self.compute_loss_context_manager():
                     outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
                 tokens = loss_token_count(batch["labels"])
@@ -85,6 +86,22 @@ class TokenCappedTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _validation_passes(self, dataset) -> list[dict]:
+        """This process's share of `dataset` (every N-th example), collated into passes; kept for the next call."""
+        key = (id(dataset), len(dataset), self.max_tokens, self.args.per_device_eval_batch_size)
+        if getattr(self, "_passes_key", None) != key:
+            share = range(self.args.process_index, len(dataset), self.args.world_size)
+            if self.max_tokens:
+                lengths = [len(ids) for ids in dataset.select(share)["input_ids"]] if len(share) else []
+                padded = not isinstance(self.data_collator, FlatCollator)
+                groups = group_examples(lengths, self.max_tokens, padded) if lengths else []
+            else:
+                size = self.args.per_device_eval_batch_size
+                groups = [range(i, min(i + size, len(share))) for i in range(0, len(share), size)]
+            self._passes = [self.data_collator([dataset[share[i]] for i in group]) for group in groups]
+            self._passes_key = key
+        return self._passes
 
     def train(self, *args, **kwargs):
         try:
@@ -120,7 +137,8 @@ def out_of_memory_error(err: BaseException, trainer: TokenCappedTrainer, trainin
         memory += f", held to training.max_memory_gib={training.max_memory_gib:g}"
     if tokens is None and not trainer.model.training:
         where = f"computing the validation loss after step {step:,}"
-        fixes = [f"lower training.per_device_eval_batch_size (now {training.per_device_eval_batch_size})"]
+        fixes = [f"lower training.max_tokens_per_micro_batch (now {cap}; it also caps a validation pass)" if cap else
+                 f"lower training.per_device_eval_batch_size (now {training.per_device_eval_batch_size})"]
     else:
         where = f"at step {step + 1:,}" + (f" in a pass of {tokens:,} tokens" if tokens else "")
         below = f" below {tokens:,}" if tokens else ""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL, offline_params
-from stages.batching import FlatCollator, PadCollator, split_batch
+from stages.batching import FlatCollator, PadCollator, group_examples, split_batch
 from stages.errors import PipelineError
 from stages.microbatch import out_of_memory_error
 from stages.objective import loss_token_count
@@ -91,7 +91,8 @@ def dataset(tiny_tokenizer):
     return Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
 
 
-def one_step_trainer(padding_free: bool, cap: int | None, dataset, tokenizer, tmp_path):
+def one_step_trainer(padding_free: bool, cap: int | None, dataset, tokenizer, tmp_path, validation=None,
+                     eval_batch: int = 8):
     """The train stage's Trainer for one optimizer step of 8 sequences over a float32 base (no 4-bit kernels, which
     compute in bf16 on some CPUs) and no dropout, so the two runs compared draw nothing at random."""
     from stages.modeling import choose_device, load_base_model
@@ -100,10 +101,12 @@ def one_step_trainer(padding_free: bool, cap: int | None, dataset, tokenizer, tm
     params = parse_params(offline_params(
         model={"base_model": str(TINY_MODEL)}, quantization={"use_4bit": False}, lora={"lora_dropout": 0.0},
         training={"max_steps": 1, "logging_steps": 1, "save_strategy": "no", "per_device_train_batch_size": 8,
-                  "warmup_steps": 0, "padding_free": padding_free, "max_tokens_per_micro_batch": cap}))
+                  "warmup_steps": 0, "padding_free": padding_free, "max_tokens_per_micro_batch": cap,
+                  "per_device_eval_batch_size": eval_batch}))
     policy = choose_device(params.quantization)
+    torch.manual_seed(0)  # the same LoRA initialisation in every trainer
     model = add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
-    return build_trainer(params, policy, model, tokenizer, dataset, None, [], output_dir=str(tmp_path / "out"))
+    return build_trainer(params, policy, model, tokenizer, dataset, validation, [], output_dir=str(tmp_path / "out"))
 
 
 def lora_tensors(model, grad: bool = False) -> dict[str, torch.Tensor]:
@@ -145,6 +148,50 @@ def test_a_split_step_has_the_loss_gradients_and_update_of_one_pass(padding_free
         torch.testing.assert_close(split["weights"][name], weight, rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_the_validation_loss_is_the_mean_over_summary_tokens_however_it_is_batched(padding_free, dataset,
+                                                                                    tiny_tokenizer, tmp_path):
+    """Validation passes hold whole examples up to the token cap (or per_device_eval_batch_size without one), are
+    collated once and reused; the loss is the mean over every summary token of the split, computed by hand here
+    one example at a time."""
+    from stages.objective import summary_loss
+
+    trainer = one_step_trainer(padding_free, None, dataset, tiny_tokenizer, tmp_path)
+    model = trainer.model.eval()
+    summed, counted = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            batch = trainer.data_collator([dataset[i]])
+            outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+            summed += summary_loss(outputs, batch["labels"], num_items_in_batch=1).item()
+            counted += int(loss_token_count(batch["labels"]))
+    expected = summed / counted
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    eval_cap = 260  # 3 passes padding-free, 4 padded (rows x longest row)
+    for cap, eval_batch, passes in ((None, 3, 3), (eval_cap, 8, None), (1, 8, len(dataset))):
+        trainer = one_step_trainer(padding_free, cap, dataset, tiny_tokenizer, tmp_path, validation=dataset,
+                                   eval_batch=eval_batch)
+        calls = []
+
+        class Counting(type(trainer.data_collator)):
+            def __call__(self, features, calls=calls):
+                calls.append(len(features))
+                return super().__call__(features)
+
+        trainer.data_collator = Counting(**vars(trainer.data_collator))
+        first = trainer.evaluate()["eval_loss"]
+        assert first == pytest.approx(expected, rel=1e-5), (cap, eval_batch)
+        assert sum(calls) == len(dataset)
+        if passes is not None:
+            assert len(calls) == passes
+        else:  # whole examples, greedily, up to the cap (padded: rows x longest row)
+            assert len(calls) == len(group_examples(lengths, eval_cap, padded=not padding_free)) == 4 - padding_free
+            assert all(tokens(p) <= eval_cap for p in trainer._passes), [tokens(p) for p in trainer._passes]
+            if padding_free:  # nothing but the examples' own tokens
+                assert sum(tokens(p) for p in trainer._passes) == sum(lengths)
+        assert trainer.evaluate()["eval_loss"] == first and sum(calls) == len(dataset)  # reused, not collated again
+
+
 def fake_trainer(step: int, running_pass: int | None, training: bool) -> SimpleNamespace:
     return SimpleNamespace(state=SimpleNamespace(global_step=step), running_pass=running_pass,
                            model=SimpleNamespace(training=training))
@@ -177,3 +224,6 @@ def test_out_of_memory_names_the_switches_with_this_runs_numbers(tmp_path):
     message = str(out_of_memory_error(RuntimeError(), fake_trainer(100, None, False), params, str(tmp_path)))
     assert message.startswith("CUDA ran out of memory computing the validation loss after step 100 (peak ")
     assert "lower training.per_device_eval_batch_size (now 8);" in message
+    capped = replace(params, max_tokens_per_micro_batch=4096)
+    message = str(out_of_memory_error(RuntimeError(), fake_trainer(100, None, False), capped, str(tmp_path)))
+    assert "; lower training.max_tokens_per_micro_batch (now 4096; it also caps a validation pass);" in message
