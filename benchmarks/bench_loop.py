@@ -295,8 +295,20 @@ def rouge_l(metrics: dict[str, dict[str, Any]]) -> float | None:
     return compared.get("tuned") if isinstance(compared, dict) else None
 
 
+def train_processes(timings: Path, started: float) -> list[dict[str, Any]]:
+    """The train stages that ended since `started` (a process is timed when it exits): seconds from `started` to
+    its start and end, and its compile time. Overlapping spans are experiments that trained at the same time."""
+    trains = [r for r in read_timings(timings) if Path(r["argv"][0]).stem == "train" and r["start"] >= started]
+    return [{"start_s": round(r["start"] - started, 1), "end_s": round(r["end"] - started, 1),
+             "process_s": round(r["end"] - r["start"], 1), "compile_s": compile_seconds(r)}
+            for r in sorted(trains, key=lambda r: r["start"])]
+
+
 def run_sweep(project: Path, env: dict[str, str], grid: list[str], jobs: int | None, peak: float | None,
-              log_file: Path, timeout: float) -> dict[str, Any]:
+              log_file: Path, timeout: float, measured: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Queue the grid, run it with `jobs` workers and wait for it; fills `measured` as it goes, so that a run cut
+    off (a time limit) still reports what it saw."""
+    measured = {} if measured is None else measured
     queued = timed_dvc(project, ["exp", "run", "--queue", *[a for spec in grid for a in ("-S", spec)]], env, log_file)
     if queued.returncode:
         raise RuntimeError(f"queueing failed:\n{queued.tail}")
@@ -306,13 +318,21 @@ def run_sweep(project: Path, env: dict[str, str], grid: list[str], jobs: int | N
     if jobs is None:
         jobs, rule = default_jobs(peak, expected)
     log.info("sweep: %d experiments, %d workers (%s)", expected, jobs, rule)
+    timings = Path(env["SAMSUM_BENCH_TIMINGS"])
+    measured.update({
+        "command": f"dvc exp run --queue {' '.join('-S ' + repr(s) for s in grid)} && dvc queue start -j {jobs}",
+        "experiments_expected": expected, "jobs": jobs, "jobs_rule": rule, "queue_seconds": queued.seconds,
+        "poll_interval_s": 5.0, "timeout_s": timeout})
     started = time.time()
     start_queue(project, env, jobs, log_file)
     try:
         final, finished_at, emptied = wait_for_queue(project, env, timeout, started)
     finally:
         wall = time.time() - started
+        measured.update({"wall_s": round(wall, 1), "train_processes": train_processes(timings, started)})
         run_dvc(project, "queue", "stop", env=env, check=False)
+    measured.update({"queue_emptied": emptied, "queue_status": {r["name"]: r["status"] for r in final},
+                     "finished_after_s": finished_at})
     if not emptied:  # stop what still runs, so that the listing below is of what finished within the time
         run_dvc(project, "queue", "kill", *[r["name"] for r in final if r["status"] == "Running"], env=env,
                 check=False)
@@ -328,19 +348,13 @@ def run_sweep(project: Path, env: dict[str, str], grid: list[str], jobs: int | N
         "rougeL": rouge_l(e["metrics"]),
     } for e in shown]
     with_metrics = [e for e in experiments if e["state"] == "success" and e["train_loss"] is not None]
-    trains = [r for r in read_timings(Path(env["SAMSUM_BENCH_TIMINGS"]))
-              if Path(r["argv"][0]).stem == "train" and r["start"] >= started]
-    return {
-        "command": f"dvc exp run --queue {' '.join('-S ' + repr(s) for s in grid)} && dvc queue start -j {jobs}",
-        "experiments_expected": expected, "jobs": jobs, "jobs_rule": rule, "queue_seconds": queued.seconds,
-        "wall_s": round(wall, 1), "poll_interval_s": 5.0, "timeout_s": timeout, "queue_emptied": emptied,
-        "queue_status": {r["name"]: r["status"] for r in final},
+    measured.pop("finished_after_s")  # now per experiment
+    measured.update({
         "experiments": experiments, "experiments_with_metrics": len(with_metrics),
         "all_listed_with_metrics": len(with_metrics) == expected == len(names),
         "experiments_listed_in_all": len(listed),
-        "train_processes": [{"process_s": round(r["end"] - r["start"], 1), "compile_s": compile_seconds(r)}
-                            for r in sorted(trains, key=lambda r: r["start"])],
-    }
+    })
+    return measured
 
 
 def loop_params(model_dir: Path, data_dir: Path, tiny: bool, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -416,6 +430,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     if torch.cuda.is_available():
         out["gpu_memory_gib"] = round(torch.cuda.mem_get_info()[1] / 2**30, 1)
     path = None
+    measured: dict[str, Any] = {}  # the sweep's, as it goes
     try:
         for part in parts:
             try:
@@ -435,9 +450,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 else:
                     peak = run_peak_gib(out["results"].get("job"), project)
                     result = run_sweep(project, env, args.grid, args.jobs, peak, logs / "sweep.log",
-                                       args.sweep_timeout)
+                                       args.sweep_timeout, measured)
             except KeyboardInterrupt:  # e.g. a time limit: the file must say this part did not finish
                 out["failed"].append({"part": part, "error": "interrupted"})
+                if part == "sweep" and measured:  # what it measured before, e.g. trains that ran at once
+                    out["results"]["sweep"] = {**measured, "interrupted": True}
                 raise
             except Exception as err:  # keep what the other parts measured
                 log.exception("part %s failed", part)

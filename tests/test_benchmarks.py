@@ -224,6 +224,37 @@ def test_sweep_wait_stops_at_the_timeout_and_says_what_finished(monkeypatch: pyt
     assert bench_loop.wait_for_queue(Path("nowhere"), {}, 1.0, started, poll=0)[2]
 
 
+def test_a_sweep_cut_off_keeps_what_it_measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A time limit hits while waiting for the queue: the workers, and the train stages that had ended (when each
+    started and ended, so overlapping runs show), are still reported."""
+    timings = tmp_path / "timings.jsonl"
+    log_file = tmp_path / "sweep.log"
+    log_file.write_text("Queued experiment 'a' for future execution.\nQueued experiment 'b' for future execution.\n")
+    monkeypatch.setattr(bench_loop, "timed_dvc", lambda *a: bench_loop.DvcRun([], 1.5, 0, 0.0))
+    monkeypatch.setattr(bench_loop, "run_dvc", lambda *a, **k: None)
+
+    def start_queue(project, env, jobs, log_file):  # two train stages run, overlapping, and end
+        now = bench_loop.time.time()
+        with open(timings, "a", encoding="utf-8") as out:
+            for start, end in ((now + 1, now + 10), (now + 2, now + 12)):
+                row = {"argv": ["/w/stages/train.py"], "start": start, "end": end, "compile": None}
+                out.write(json.dumps(row) + "\n")
+
+    def wait_for_queue(*args):
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(bench_loop, "start_queue", start_queue)
+    monkeypatch.setattr(bench_loop, "wait_for_queue", wait_for_queue)
+    measured: dict = {}
+    with pytest.raises(KeyboardInterrupt):
+        bench_loop.run_sweep(tmp_path, {"SAMSUM_BENCH_TIMINGS": str(timings)}, ["lora.r=4,16"], 2, None, log_file,
+                             60.0, measured)
+    assert measured["jobs"] == 2 and measured["experiments_expected"] == 2 and measured["queue_seconds"] == 1.5
+    spans = [(p["start_s"], p["end_s"], p["process_s"]) for p in measured["train_processes"]]
+    assert [(round(a), round(b), c) for a, b, c in spans] == [(1, 10, 9.0), (2, 12, 10.0)]
+    assert "queue_emptied" not in measured  # never seen
+
+
 @pytest.mark.slow
 def test_bench_loop_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two queued runs share the runner's cores
