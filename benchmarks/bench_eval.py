@@ -1,7 +1,7 @@
 """Generation speed: summaries one at a time (the tutorial) vs this project's batched evaluate path.
 
     python -m benchmarks.bench_eval [--examples 819] [--max-new-tokens 48] [--one-at-a-time 32] [--tiny]
-                                    [--out benchmarks/results]
+                                    [--out benchmarks/results] [--label L]
 
 Both setups generate greedily from the 4-bit NF4 base (bf16 compute) of a random-weight Llama-3.2-1B-shaped
 model, on synthetic prompts as long as SAMSum's test prompts (benchmarks/lengths.py: the prompt part of
@@ -146,6 +146,7 @@ def run(
     shape: str = "1B",
     max_memory_gib: float | None = None,
     project_only: bool = False,
+    label: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Time the setups; return the report and the JSON file it was written to."""
     model_dir = benchmark_model(tiny, model_dir, tokenizer_dir, shape=shape)
@@ -174,7 +175,7 @@ def run(
             "max_memory_gib": max_memory_gib,
         },
     )
-    label = shape.lower() if shape != "1B" else None
+    label = report.file_label(shape.lower() if shape != "1B" else None, label)
     if project_only:
         report.reset_memory()
         model, project, _ = time_project(params, prompts, max_new_tokens, never)
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the model's shape: Llama-3.2-1B (default), Llama-3.2-3B or Llama-3.1-8B")
     parser.add_argument("--max-memory-gib", type=float, default=None, help="eval.max_memory_gib for the project")
     parser.add_argument("--project-only", action="store_true", help="time only the evaluate stage's own path")
+    parser.add_argument("--label", default=None, help="appended to the file name (after the shape), e.g. budget16")
     args = parser.parse_args(argv)
     examples = args.examples or (64 if args.tiny else TEST_EXAMPLES)
     max_new_tokens = args.max_new_tokens or (8 if args.tiny else 48)
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference = args.reference or (8 if args.tiny else 128)
     out, path = run(
         examples, max_new_tokens, one_at_a_time, args.tiny, args.batch_size, args.out, args.model_dir, args.tokenizer,
-        reference, args.shape, args.max_memory_gib, args.project_only,
+        reference, args.shape, args.max_memory_gib, args.project_only, args.label,
     )
     print_report(out, path)
     return out

@@ -1,12 +1,12 @@
 """Training throughput: the tutorial's setup vs TRL's padding-free SFTTrainer vs this project's train stage.
 
     python -m benchmarks.bench_train [--setups tutorial,trl,project] [--steps 20] [--warmup 5] [--tiny]
-                                     [--shape 1B|3B|8B] [--out benchmarks/results]
+                                     [--shape 1B|3B|8B] [--out benchmarks/results] [--label L]
                                      [--set training.padding_free=true ...]
 
 All setups run in one process on the same device, one after the other, on the same synthetic SAMSum-length
 examples (benchmarks/lengths.py) and a random-weight Llama-3.2-1B-shaped model (benchmarks/llama_shaped.py;
-`--shape 3B` / `8B`: Llama-3.2-3B's or Llama-3.1-8B's shape, results in train-<device>-<date>-<shape>.json):
+`--shape 3B` / `8B`: Llama-3.2-3B's or Llama-3.1-8B's shape, results in train-<device>-<date>-<shape>.json; `--label L` appends -L):
 NF4 with double quantization, bf16 compute, LoRA r 8 / alpha 16 / dropout 0.05 on q_proj and v_proj,
 16 sequences per optimizer step. Reported per setup: real (non-padding) tokens per second over the timed
 optimizer steps (after the warm-up steps), peak memory, and the loss at the last step. `--tiny` runs a
@@ -348,6 +348,7 @@ def run(
     tokenizer_dir: str | Path | None = None,
     project_overrides: dict[str, Any] | None = None,
     shape_name: str = "1B",
+    label: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run the setups in order; return the report and the JSON file it was written to."""
     shape = TINY if tiny else SHAPES[shape_name]
@@ -394,7 +395,8 @@ def run(
     for r in results:
         r["ratio_to_tutorial"] = round(r["tokens_per_second"] / reference, 3) if reference else None
     out.update({"results": results, "skipped": skipped, "failed": failed})
-    path = report.write_results(out, out_dir, tiny, None if shape_name == "1B" else shape_name.lower())
+    shape_label = None if shape_name == "1B" else shape_name.lower()
+    path = report.write_results(out, out_dir, tiny, report.file_label(shape_label, label))
     return out, path
 
 
@@ -443,6 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1B",
                         help="the model's shape: Llama-3.2-1B (default), Llama-3.2-3B or Llama-3.1-8B")
     parser.add_argument("--out", type=Path, default=report.RESULTS, help="folder for the JSON results")
+    parser.add_argument("--label", default=None, help="appended to the file name (after the shape), e.g. ckpt")
     parser.add_argument("--model-dir", type=Path, default=None, help="where the random model is built (reused)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="default: offline/tiny-llama")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -458,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     out, path = run(
         setups, steps, warmup, args.tiny, args.out, args.model_dir, args.tokenizer, parse_overrides(args.set),
-        args.shape,
+        args.shape, args.label,
     )
     print_report(out, path)
     return out

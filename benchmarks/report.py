@@ -93,6 +93,11 @@ def header(benchmark: str, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def file_label(*parts: str | None) -> str | None:
+    """The given labels joined by '-' for a results file name (e.g. a shape and a run's own label), or None."""
+    return "-".join(p for p in parts if p) or None
+
+
 def write_results(report: dict[str, Any], out_dir: str | Path = RESULTS, tiny: bool = False,
                   label: str | None = None) -> Path:
     """Write `report` to <out_dir>/<benchmark>-<device>[-tiny]-<date>[-label].json and return the path."""

@@ -104,7 +104,8 @@ def _read_report(out_dir: Path, benchmark: str) -> dict:
 def test_bench_eval_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: None):
     bench_eval.main(["--tiny", "--examples", "12", "--one-at-a-time", "2", "--max-new-tokens", "4", "--batch-size", "8",
                      "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "model"),
-                     "--tokenizer", str(bench_tokenizer)])
+                     "--tokenizer", str(bench_tokenizer), "--label", "batch8"])
+    assert [p.name.endswith("-batch8.json") for p in (tmp_path / "out").iterdir()] == [True]
     report = _read_report(tmp_path / "out", "eval")
     single, straight, project = report["results"]
     assert (single["setup"], straight["setup"], project["setup"]) == ("one_at_a_time", "4bit_batched", "project")
@@ -122,7 +123,8 @@ def test_bench_eval_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: None
 def test_bench_train_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: None):
     bench_train.main(["--tiny", "--setups", "tutorial,project", "--steps", "2", "--warmup", "1",
                       "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "model"),
-                      "--tokenizer", str(bench_tokenizer)])
+                      "--tokenizer", str(bench_tokenizer), "--label", "two-setups"])
+    assert [p.name.endswith("-two-setups.json") for p in (tmp_path / "out").iterdir()] == [True]
     report = _read_report(tmp_path / "out", "train")
     assert report["failed"] == [] and report["config"]["steps"] == 2 and report["config"]["shape"] == "tiny"
     tutorial, project = report["results"]
