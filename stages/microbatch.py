@@ -89,7 +89,8 @@ class TokenCappedTrainer(Trainer):
 
     def _validation_passes(self, dataset) -> list[dict]:
         """This process's share of `dataset` (every N-th example), collated into passes; kept for the next call."""
-        key = (id(dataset), len(dataset), self.max_tokens, self.args.per_device_eval_batch_size)
+        key = (getattr(dataset, "_fingerprint", id(dataset)), len(dataset), self.max_tokens,
+               self.args.per_device_eval_batch_size)
         if getattr(self, "_passes_key", None) != key:
             share = range(self.args.process_index, len(dataset), self.args.world_size)
             if self.max_tokens:
