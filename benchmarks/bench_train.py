@@ -6,7 +6,8 @@
 
 All setups run in one process on the same device, one after the other, on the same synthetic SAMSum-length
 examples (benchmarks/lengths.py) and a random-weight Llama-3.2-1B-shaped model (benchmarks/llama_shaped.py;
-`--shape 3B` / `8B`: Llama-3.2-3B's or Llama-3.1-8B's shape, results in train-<device>-<date>-<shape>.json; `--label L` appends -L):
+`--shape 3B` / `8B`: Llama-3.2-3B's or Llama-3.1-8B's shape, results in train-<device>-<date>-<shape>.json;
+`--label L` appends -L):
 NF4 with double quantization, bf16 compute, LoRA r 8 / alpha 16 / dropout 0.05 on q_proj and v_proj,
 16 sequences per optimizer step. Reported per setup: real (non-padding) tokens per second over the timed
 optimizer steps (after the warm-up steps), peak memory, and the loss at the last step. `--tiny` runs a
