@@ -71,6 +71,7 @@ TINY_PARAMS = {  # a few CPU seconds per stage: the loop is what is measured, no
 # allocator's fragmentation and steps longer than the job's, plus CONTEXT_GIB for each process's CUDA context.
 HEADROOM = 1.25
 CONTEXT_GIB = 1.0
+STOP_TIMEOUT_S = 60.0  # for `dvc queue stop` and `dvc queue kill` each
 CORES_PER_RUN = 2  # a run keeps one core busy feeding its GPU, compiling takes more: at most cores / 2 runs
 TOOLS = ("dvc", "dvc-task", "celery", "kombu", "dvclive", "rouge-score")
 
@@ -304,6 +305,20 @@ def train_processes(timings: Path, started: float) -> list[dict[str, Any]]:
             for r in sorted(trains, key=lambda r: r["start"])]
 
 
+def stop_queue(project: Path, env: dict[str, str], running: list[str], timeout: float = STOP_TIMEOUT_S) -> list[str]:
+    """`dvc queue stop`, then `dvc queue kill` of the experiments still running, each given `timeout` seconds (with
+    several runs under way they can take long, and a benchmark under a time limit must still write its results);
+    returns what did not return in time."""
+    problems = []
+    for args in (["queue", "stop"], ["queue", "kill", *running]) if running else (["queue", "stop"],):
+        try:
+            subprocess.run(["dvc", *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            problems.append(f"dvc {' '.join(args[:2])} did not return within {timeout:g} s")
+            log.warning("%s", problems[-1])
+    return problems
+
+
 def run_sweep(project: Path, env: dict[str, str], grid: list[str], jobs: int | None, peak: float | None,
               log_file: Path, timeout: float, measured: dict[str, Any] | None = None) -> dict[str, Any]:
     """Queue the grid, run it with `jobs` workers and wait for it; fills `measured` as it goes, so that a run cut
@@ -325,17 +340,17 @@ def run_sweep(project: Path, env: dict[str, str], grid: list[str], jobs: int | N
         "poll_interval_s": 5.0, "timeout_s": timeout})
     started = time.time()
     start_queue(project, env, jobs, log_file)
+    final = None
     try:
         final, finished_at, emptied = wait_for_queue(project, env, timeout, started)
     finally:
         wall = time.time() - started
         measured.update({"wall_s": round(wall, 1), "train_processes": train_processes(timings, started)})
-        run_dvc(project, "queue", "stop", env=env, check=False)
+        # Stop the workers, and kill what still runs, so that the listing below is of what finished in time.
+        running = [r["name"] for r in final or [] if r["status"] == "Running"]
+        measured["stop_problems"] = stop_queue(project, env, running)
     measured.update({"queue_emptied": emptied, "queue_status": {r["name"]: r["status"] for r in final},
                      "finished_after_s": finished_at})
-    if not emptied:  # stop what still runs, so that the listing below is of what finished within the time
-        run_dvc(project, "queue", "kill", *[r["name"] for r in final if r["status"] == "Running"], env=env,
-                check=False)
     listed = experiments_shown(json.loads(run_dvc(project, "exp", "show", "--json", env=env).stdout))
     shown = [e for e in listed if e["name"] in names]  # not the rerun's experiment, which exp show lists too
     keys = [spec.partition("=")[0] for spec in grid]

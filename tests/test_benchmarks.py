@@ -234,6 +234,8 @@ def test_a_sweep_cut_off_keeps_what_it_measured(monkeypatch: pytest.MonkeyPatch,
     log_file.write_text("Queued experiment 'a' for future execution.\nQueued experiment 'b' for future execution.\n")
     monkeypatch.setattr(bench_loop, "timed_dvc", lambda *a: bench_loop.DvcRun([], 1.5, 0, 0.0))
     monkeypatch.setattr(bench_loop, "run_dvc", lambda *a, **k: None)
+    stopped = []
+    monkeypatch.setattr(bench_loop, "stop_queue", lambda project, env, running: stopped.append(running) or [])
 
     def start_queue(project, env, jobs, log_file):  # two train stages run, overlapping, and end
         now = bench_loop.time.time()
@@ -255,6 +257,22 @@ def test_a_sweep_cut_off_keeps_what_it_measured(monkeypatch: pytest.MonkeyPatch,
     spans = [(p["start_s"], p["end_s"], p["process_s"]) for p in measured["train_processes"]]
     assert [(round(a), round(b), c) for a, b, c in spans] == [(1, 10, 9.0), (2, 12, 10.0)]
     assert "queue_emptied" not in measured  # never seen
+    assert stopped == [[]]  # the workers are stopped even so; what runs is unknown, so nothing is killed
+
+
+def test_stopping_the_queue_is_bounded_in_time(monkeypatch: pytest.MonkeyPatch):
+    calls = []
+
+    def run(args, **kwargs):
+        calls.append(args[1:3])
+        if args[2] == "kill":
+            raise bench_loop.subprocess.TimeoutExpired(args, kwargs["timeout"])
+
+    monkeypatch.setattr(bench_loop.subprocess, "run", run)
+    assert bench_loop.stop_queue(Path("p"), {}, ["a", "b"], timeout=7) == ["dvc queue kill did not return within 7 s"]
+    assert calls == [["queue", "stop"], ["queue", "kill"]]
+    calls.clear()
+    assert bench_loop.stop_queue(Path("p"), {}, []) == [] and calls == [["queue", "stop"]]
 
 
 @pytest.mark.slow
