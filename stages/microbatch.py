@@ -20,7 +20,7 @@ import time
 import torch
 from transformers import ProgressCallback, Trainer
 
-from stages.batching import FlatCollator, group_examples, split_batch
+from stages.batching import split_batch
 from stages.checkpoints import CHECKPOINTS, resume_advice
 from stages.errors import PipelineError
 from stages.modeling import peak_memory_gib
@@ -92,15 +92,14 @@ class TokenCappedTrainer(Trainer):
         key = (getattr(dataset, "_fingerprint", id(dataset)), len(dataset), self.max_tokens,
                self.args.per_device_eval_batch_size)
         if getattr(self, "_passes_key", None) != key:
-            share = range(self.args.process_index, len(dataset), self.args.world_size)
-            if self.max_tokens:
-                lengths = [len(ids) for ids in dataset.select(share)["input_ids"]] if len(share) else []
-                padded = not isinstance(self.data_collator, FlatCollator)
-                groups = group_examples(lengths, self.max_tokens, padded) if lengths else []
+            share = [dataset[i] for i in range(self.args.process_index, len(dataset), self.args.world_size)]
+            if not share:
+                self._passes = []
+            elif self.max_tokens:  # cut at example boundaries as a training step is (stages.batching.split_batch)
+                self._passes = split_batch(self.data_collator(share), self.max_tokens)
             else:
                 size = self.args.per_device_eval_batch_size
-                groups = [range(i, min(i + size, len(share))) for i in range(0, len(share), size)]
-            self._passes = [self.data_collator([dataset[share[i]] for i in group]) for group in groups]
+                self._passes = [self.data_collator(share[i:i + size]) for i in range(0, len(share), size)]
             self._passes_key = key
         return self._passes
 
