@@ -483,7 +483,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     finally:
         path = write(out, args, timings)
         if not args.keep and not args.workdir:
-            run_dvc(project, "queue", "stop", env=env, check=False)
+            stop_queue(project, env, [])
             shutil.rmtree(work, ignore_errors=True)
     return out, path
 
