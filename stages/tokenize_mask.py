@@ -9,7 +9,11 @@ Reads data/prepared/{train,validation}.jsonl; writes data/tokenized/ (a DatasetD
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import statistics
+import sys
+from collections.abc import Iterator
 
 from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
@@ -27,20 +31,63 @@ PREPARED = "data/prepared/{split}.jsonl"
 TOKENIZED = "data/tokenized"
 METRICS = "metrics/tokens.json"
 SPLITS = ("train", "validation")
-CHUNK = 1024  # examples encoded together (the tokenizer uses every core on a batch)
+CHUNK = 1024  # examples built together: the templates are rendered one by one, the texts encoded in one call
+MAX_WORKERS = 16
+
+# What a worker process builds examples with: set before the workers are forked, so they inherit it unpickled.
+_worker_state: tuple[PreTrainedTokenizerBase, PromptParams] | None = None
+
+
+def workers_for(chunks: int) -> int:
+    """Processes to build the chunks in: one per core this process may use (at most MAX_WORKERS and one per
+    chunk); 1 where processes cannot be forked (the templates are then rendered here)."""
+    if chunks < 2 or not sys.platform.startswith("linux"):
+        return 1
+    cores = len(os.sched_getaffinity(0))
+    return max(1, min(cores, chunks, MAX_WORKERS))
+
+
+def _build_chunk(pairs: list[tuple[str, str]]) -> list:
+    tokenizer, prompt = _worker_state
+    return build_examples(tokenizer, prompt.instruction, pairs, prompt.max_length, prompt.date_string)
+
+
+def _quiet_worker() -> None:
+    # One process per core already: the tokenizer's own threads would only compete with the other workers.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _built_chunks(
+    tokenizer: PreTrainedTokenizerBase, chunks: list[list[tuple[str, str]]], prompt: PromptParams, workers: int
+) -> Iterator[list]:
+    """build_examples of each chunk, in order: here, or in `workers` forked processes (the same examples: each
+    chunk is built alone either way)."""
+    global _worker_state
+    _worker_state = (tokenizer, prompt)
+    try:
+        if workers == 1:
+            yield from map(_build_chunk, chunks)
+            return
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
+            yield from pool.imap(_build_chunk, chunks)
+    finally:
+        _worker_state = None
 
 
 def tokenize_split(
-    tokenizer: PreTrainedTokenizerBase, rows: list[dict], prompt: PromptParams, split: str = ""
+    tokenizer: PreTrainedTokenizerBase, rows: list[dict], prompt: PromptParams, split: str = "",
+    workers: int | None = None,
 ) -> tuple[dict[str, list], dict]:
-    """Tokenized columns for one split, and its statistics (lengths, truncated, dropped, loss fraction)."""
+    """Tokenized columns for one split, and its statistics (lengths, truncated, dropped, loss fraction).
+    `workers`: processes to build the examples in (default: workers_for); the result does not depend on it."""
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     truncated = dropped = 0
+    chunks = [[(row["dialogue"], row["summary"]) for row in rows[start : start + CHUNK]]
+              for start in range(0, len(rows), CHUNK)]
+    workers = workers_for(len(chunks)) if workers is None else workers
     with tqdm(total=len(rows), desc=f"tokenize {split}", unit="ex", mininterval=2) as progress:
-        for start in range(0, len(rows), CHUNK):
-            chunk = rows[start : start + CHUNK]
-            pairs = [(row["dialogue"], row["summary"]) for row in chunk]
-            for example in build_examples(tokenizer, prompt.instruction, pairs, prompt.max_length, prompt.date_string):
+        for chunk in _built_chunks(tokenizer, chunks, prompt, workers):
+            for example in chunk:
                 if example is None:
                     dropped += 1
                     continue

@@ -150,3 +150,42 @@ def test_split_statistics_match_the_examples(tiny_tokenizer):
     assert tiny_tokenizer.decode([t for t in columns["labels"][1] if t != IGNORE_INDEX]) == (
         "José will feed Zoë's cat.<|eot_id|>"
     )
+
+
+@pytest.mark.parametrize("template", [None, LLAMA32_LIKE], ids=["generation-markers", "llama32-no-markers"])
+def test_forked_workers_build_the_same_examples_as_one_process(tiny_tokenizer, template, monkeypatch):
+    import stages.tokenize_mask as tokenize_mask
+
+    tok = with_template(tiny_tokenizer, template) if template else tiny_tokenizer
+    long = " ".join([DIALOGUE] * 12)  # shortened to fit
+    rows = [{"id": str(i), "dialogue": [DIALOGUE, long, f"Bo: item {i}?\nAl: yes."][i % 3],
+             "summary": SUMMARY if i % 5 else " ".join([SUMMARY] * 30)} for i in range(23)]
+    prompt = PromptParams(instruction=INSTRUCTION, max_length=120, date_string=DATE)
+    monkeypatch.setattr(tokenize_mask, "CHUNK", 4)  # 6 chunks, spread over the workers
+    one = tokenize_split(tok, rows, prompt, workers=1)
+    forked = tokenize_split(tok, rows, prompt, workers=3)
+    assert forked == one
+    assert one[1]["dropped_summary_too_long"] == 5 and one[1]["truncated"] > 0
+    assert tokenize_mask._worker_state is None
+
+
+def test_a_workers_error_reaches_the_stage_as_its_one_line(tiny_tokenizer, monkeypatch):
+    import stages.tokenize_mask as tokenize_mask
+
+    tok = with_template(tiny_tokenizer, NOT_A_PREFIX)
+    rows = [{"id": str(i), "dialogue": DIALOGUE, "summary": SUMMARY} for i in range(6)]
+    monkeypatch.setattr(tokenize_mask, "CHUNK", 2)
+    with pytest.raises(PipelineError, match="generation prompt is not a prefix"):
+        tokenize_split(tok, rows, PromptParams(instruction=INSTRUCTION, max_length=120, date_string=DATE), workers=2)
+
+
+def test_workers_follow_the_cores_and_the_chunks(monkeypatch):
+    import stages.tokenize_mask as tokenize_mask
+
+    monkeypatch.setattr(tokenize_mask.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(tokenize_mask.sys, "platform", "linux")
+    assert [tokenize_mask.workers_for(n) for n in (1, 2, 15, 40)] == [1, 2, 15, tokenize_mask.MAX_WORKERS]
+    monkeypatch.setattr(tokenize_mask.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert tokenize_mask.workers_for(15) == 2
+    monkeypatch.setattr(tokenize_mask.sys, "platform", "darwin")
+    assert tokenize_mask.workers_for(15) == 1
