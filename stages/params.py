@@ -97,7 +97,7 @@ class TrainingParams:
 @dataclass(frozen=True)
 class EvalParams:
     max_new_tokens: int = 64
-    batch_size: int = 128
+    batch_size: int = 256
     max_samples: int | None = None
     dequantize: bool = True
     max_memory_gib: float | None = None
