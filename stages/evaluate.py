@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
@@ -39,6 +40,10 @@ ADAPTER = "models/adapter"
 METRICS = "metrics/{which}.json"
 PREDICTIONS = "data/predictions/{which}.jsonl"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # safetensors only: never a pickle
+# Attention kernels for generation: all of PyTorch's but cuDNN's, which builds an execution plan for every new
+# shape (tens of milliseconds) and would do so at every decoding step, as the key/value cache grows by one
+# token (benchmarks/profile_generate.py); the memory-efficient kernel takes the padding mask as it is.
+GENERATION_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -89,13 +94,15 @@ def generate_batches(
     max_new_tokens: int,
     stop_ids: list[int],
 ) -> dict[int, Generation]:
-    """Greedy generation of the given batches of prompt indices, left-padded; decodes only the new tokens."""
+    """Greedy generation of the given batches of prompt indices, left-padded, with GENERATION_ATTENTION; decodes
+    only the new tokens."""
     device = next(model.parameters()).device
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id
     )
     results: dict[int, Generation] = {}
-    with tqdm(total=sum(map(len, batches)), desc="generate", unit="ex", disable=not launch.is_main()) as bar:
+    with (tqdm(total=sum(map(len, batches)), desc="generate", unit="ex", disable=not launch.is_main()) as bar,
+          sdpa_kernel(GENERATION_ATTENTION)):
         for batch in batches:
             width = max(len(prompts[i]) for i in batch)
             input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)

@@ -47,3 +47,24 @@ def test_batched_left_padded_generation_matches_one_at_a_time_and_holds_only_new
         expected = _decode(tiny_tokenizer, out[0, len(prompt):].tolist(), stops)
         assert result == expected
         assert "Summarize" not in result.text and result.new_tokens <= 12
+
+
+def test_generation_attention_never_takes_the_cudnn_kernel(tiny_tokenizer, tiny_model, monkeypatch):
+    """cuDNN's attention builds a plan for every new shape, i.e. at every decoding step: generation runs with it
+    switched off (and only generation: the switch is restored afterwards)."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    prompts = [generation_prompt_ids(tiny_tokenizer, "Summarize this dialogue.", d, DATE)
+               for d in ("Anna: Lunch at 1?\nTom: Sure.", "Mia: Running late, sorry!")]
+    generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=3, batch_size=2, stop_ids=[-1])
+    assert seen and set(seen) == {(False, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
