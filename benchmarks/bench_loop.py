@@ -221,9 +221,12 @@ def default_jobs(peak_gib: float | None, experiments: int) -> tuple[int, str]:
                             f"{CORES_PER_RUN})")
 
 
-def run_peak_gib(job: dict[str, Any] | None, project: Path) -> float | None:
-    """The largest GPU peak of the job's stages, or train.json's when the stage timer saw none."""
+def run_peak_gib(job: dict[str, Any] | None, project: Path, timings: Path | None = None) -> float | None:
+    """The largest GPU peak of the job's stages; for a job run by an earlier call (no `job` here), of the stage
+    processes recorded in `timings` (evaluation's included); else train.json's."""
     peaks = [row["peak_gpu_gib"] for row in (job or {}).get("stages", []) if row.get("peak_gpu_gib")]
+    if not peaks and job is None and timings is not None:
+        peaks = [r["peak_gpu_gib"] for r in read_timings(timings) if r.get("peak_gpu_gib")]
     return max(peaks) if peaks else read_json(project / "metrics/train.json").get("peak_memory_gib")
 
 
@@ -463,7 +466,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                     result = part_result(timed_dvc(project, retrain, env, logs / "retrain.log"), timings, project)
                     restore_workspace(project, env)
                 else:
-                    peak = run_peak_gib(out["results"].get("job"), project)
+                    peak = run_peak_gib(out["results"].get("job"), project, timings)
                     result = run_sweep(project, env, args.grid, args.jobs, peak, logs / "sweep.log",
                                        args.sweep_timeout, measured)
             except KeyboardInterrupt:  # e.g. a time limit: the file must say this part did not finish

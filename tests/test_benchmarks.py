@@ -197,7 +197,7 @@ def test_samsum_size_rows_have_samsum_lengths_through_the_template(bench_tokeniz
     assert 0.12 <= stats["summary_token_fraction"] <= 0.19
 
 
-def test_queue_workers_follow_the_memory_rule(monkeypatch: pytest.MonkeyPatch):
+def test_queue_workers_follow_the_memory_rule(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setattr(bench_loop.os, "cpu_count", lambda: 16)
     monkeypatch.setattr(bench_loop.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench_loop.torch.cuda, "mem_get_info", lambda: (100 * 2**30, 140 * 2**30))
@@ -210,6 +210,13 @@ def test_queue_workers_follow_the_memory_rule(monkeypatch: pytest.MonkeyPatch):
     job = {"stages": [{"stage": "train", "peak_gpu_gib": 5.8}, {"stage": "evaluate_adapter", "peak_gpu_gib": 8.5},
                       {"stage": "prepare", "peak_gpu_gib": None}]}
     assert bench_loop.run_peak_gib(job, Path("nowhere")) == 8.5  # the largest stage, not just train
+    earlier = tmp_path / "stage-timings.jsonl"  # a job run by an earlier call: its recorded stage processes
+    earlier.write_text("\n".join(json.dumps({"argv": [f"/p/stages/{m}.py"], "peak_gpu_gib": g}) for m, g in
+                                 (("train", 8.52), ("evaluate", 14.45), ("prepare", None))) + "\n")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/train.json").write_text(json.dumps({"peak_memory_gib": 8.52}))
+    assert bench_loop.run_peak_gib(None, tmp_path, earlier) == 14.45
+    assert bench_loop.run_peak_gib(None, tmp_path, tmp_path / "none.jsonl") == 8.52
     monkeypatch.setattr(bench_loop.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(bench_loop.os, "cpu_count", lambda: 2)
     assert bench_loop.default_jobs(None, 9)[0] == 1
