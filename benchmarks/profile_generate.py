@@ -1,7 +1,7 @@
 """Where the evaluate stage's generation spends its time: batch sizes, prefill vs decoding, and the operators.
 
     python -m benchmarks.profile_generate [--batch-sizes 128,256,512,819] [--max-new-tokens 48] [--static]
-                                          [--tiny] [--out benchmarks/results] [--label L]
+                                          [--tiny] [--out benchmarks/results] [--model-dir DIR] [--label L]
 
 On the random Llama-3.2-1B-shaped model (benchmarks/llama_shaped.py) loaded as the evaluate stage loads it
 (4-bit NF4 base unpacked to bf16, stages.evaluate.load_for_generation) and SAMSum-length prompts
@@ -117,13 +117,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--static", action="store_true", help="also time the static cache (compiled decoding)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", type=Path, default=report.RESULTS)
+    parser.add_argument("--model-dir", type=Path, default=None, help="where the random model is built (reused)")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="default: offline/tiny-llama")
     parser.add_argument("--label", default=None)
     args = parser.parse_args(argv)
     examples = args.examples or (32 if args.tiny else TEST_EXAMPLES)
     new_tokens = args.max_new_tokens or (4 if args.tiny else 48)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-    model_dir = benchmark_model(args.tiny)
+    model_dir = benchmark_model(args.tiny, args.model_dir, args.tokenizer)
     params = project_params(model_dir, None)
     tokenizer = load_tokenizer(params.model)
     prompts = prompts_of(examples_for(tokenizer, examples, seed=1))
@@ -140,17 +142,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(report.table([("batch", "batch_size"), ("batches", "batches"), ("prefill s", "prefill_s"),
                         ("generate s", "generate_s"), ("ms/decode step", "decode_step_ms"),
                         ("peak GiB", "peak_memory_gib")], rows))
-    out["batch_sizes"] = rows
+    results: dict[str, Any] = {"batch_sizes": rows}
+    out["results"] = results
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))[: sizes[0]]
     ids, mask = left_padded([prompts[i] for i in order], tokenizer.pad_token_id, next(model.parameters()).device)
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[never],
                               pad_token_id=tokenizer.pad_token_id)
-    out["profile"] = {"batch_size": len(order), **profile_batch(model, ids, mask, config)}
-    profiled = out["profile"]
+    results["profile"] = profiled = {"batch_size": len(order), **profile_batch(model, ids, mask, config)}
     print(f"profiled batch of {len(order)}: wall {profiled['wall_s']} s, GPU busy {profiled['gpu_busy_s']} s")
     if args.static:
-        out["static_cache"] = {"batch_size": len(order), **static_rows(model, ids, mask, config)}
-        print("static cache:", out["static_cache"])
+        results["static_cache"] = {"batch_size": len(order), **static_rows(model, ids, mask, config)}
+        print("static cache:", results["static_cache"])
     path = report.write_results(out, args.out, args.tiny, args.label)
     print(f"written to {path}")
     return out

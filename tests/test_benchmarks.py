@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks import bench_compile, bench_eval, bench_loop, bench_memory, bench_train, check_packed
+from benchmarks import bench_compile, bench_eval, bench_loop, bench_memory, bench_train, check_packed, profile_generate
 from benchmarks.lengths import IGNORE_INDEX, SAMSUM, examples_for, ordinary_token_ids, prompts_of, sample_lengths
 from benchmarks.llama_shaped import SHAPES, build_llama_1b_shaped, default_tokenizer_dir
 from benchmarks.samsum_size import build_splits, template_lengths
@@ -99,6 +99,18 @@ def _read_report(out_dir: Path, benchmark: str) -> dict:
     assert report.keys() >= HEADER_KEYS
     assert report["benchmark"] == benchmark and report["versions"]["torch"]
     return report
+
+
+def test_profile_generate_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: None):
+    out = profile_generate.main(["--tiny", "--examples", "10", "--max-new-tokens", "3", "--batch-sizes", "4,10",
+                                 "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "model"),
+                                 "--tokenizer", str(bench_tokenizer)])
+    report = _read_report(tmp_path / "out", "profile-generate")
+    assert report == out
+    rows, profiled = report["results"]["batch_sizes"], report["results"]["profile"]
+    assert [(r["batch_size"], r["batches"], r["new_tokens"]) for r in rows] == [(4, 3, 3), (10, 1, 3)]
+    assert all(r["generate_s"] > 0 and r["prefill_s"] > 0 for r in rows)
+    assert profiled["batch_size"] == 4 and profiled["top_ops"]
 
 
 def test_bench_eval_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: None):
