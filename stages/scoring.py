@@ -11,7 +11,8 @@ import functools
 import re
 from collections.abc import Sequence
 
-from rouge_score import rouge_scorer
+from nltk.stem import porter
+from rouge_score import rouge_scorer, tokenize, tokenizers
 
 from stages.errors import PipelineError
 
@@ -30,9 +31,20 @@ def split_sentences(text: str) -> list[str]:
     return [sentence for sentence in sentences if sentence]
 
 
+class _StemmingTokenizer(tokenizers.Tokenizer):
+    """rouge_score's own tokenization with the Porter stemmer (what `use_stemmer=True` does), each word stemmed
+    once: stemming is pure and three quarters of the scoring time, and a test set repeats its words."""
+
+    def __init__(self) -> None:
+        self.stem = functools.lru_cache(maxsize=2**16)(porter.PorterStemmer().stem)
+
+    def tokenize(self, text: str) -> list[str]:
+        return tokenize.tokenize(text, self)
+
+
 @functools.cache
 def _scorer(keys: tuple[str, ...]) -> rouge_scorer.RougeScorer:
-    return rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    return rouge_scorer.RougeScorer(list(keys), tokenizer=_StemmingTokenizer())
 
 
 def score_pair(prediction: str, reference: str) -> dict[str, float]:

@@ -140,3 +140,23 @@ def test_empty_corpus_is_an_error():
 )
 def test_split_sentences(text, sentences):
     assert split_sentences(text) == sentences
+
+
+def test_scores_are_rouge_scores_own_with_its_stemmer():
+    """Each word is stemmed once (a cache): the scores must be the library's own with `use_stemmer=True`."""
+    from rouge_score import rouge_scorer
+
+    pairs = [
+        ("Anna is running late; she'll call Tom.", "Anna runs late and calls Tom later."),
+        ("The meetings were cancelled.\nThey'll reschedule.", "Meeting cancelled. Rescheduling happens next week!"),
+        ("Zoë feeds José's cats on 12/03.", "José's cat is fed by Zoë on 12/03, generously."),
+        ("Relational generalizations", "relate generalize generalization relational"),
+    ] * 3  # repeated words come from the cache the second time
+    library = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    for prediction, reference in pairs:
+        expected = library.score("\n".join(split_sentences(reference)), "\n".join(split_sentences(prediction)))
+        token_level = library.score(reference, prediction)
+        ours = score_pair(prediction, reference)
+        for key in ("rouge1", "rouge2", "rougeL"):
+            assert ours[key] == token_level[key].fmeasure
+        assert ours["rougeLsum"] == expected["rougeLsum"].fmeasure
