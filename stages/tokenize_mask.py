@@ -14,6 +14,8 @@ import os
 import statistics
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
@@ -68,8 +70,15 @@ def _built_chunks(
         if workers == 1:
             yield from map(_build_chunk, chunks)
             return
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
-            yield from pool.imap(_build_chunk, chunks)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_quiet_worker) as pool:
+            try:
+                yield from pool.map(_build_chunk, chunks)
+            except BrokenProcessPool:
+                raise PipelineError(
+                    "tokenize_mask: a worker process building the examples died (killed for memory?); nothing "
+                    "was written: free some memory and re-run `dvc repro tokenize_mask`"
+                ) from None
     finally:
         _worker_state = None
 

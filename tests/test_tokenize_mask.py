@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 
@@ -39,6 +40,10 @@ NOT_A_PREFIX = (
     "<|eot_id|>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
+
+
+def _dies(pairs):  # a worker killed mid-chunk (e.g. by the kernel for memory)
+    os._exit(9)
 
 
 def with_template(tokenizer, template):
@@ -189,3 +194,14 @@ def test_workers_follow_the_cores_and_the_chunks(monkeypatch):
     assert tokenize_mask.workers_for(15) == 2
     monkeypatch.setattr(tokenize_mask.sys, "platform", "darwin")
     assert tokenize_mask.workers_for(15) == 1
+
+
+def test_a_worker_that_dies_is_a_clear_error_not_a_hang(tiny_tokenizer, monkeypatch):
+    import stages.tokenize_mask as tokenize_mask
+
+    monkeypatch.setattr(tokenize_mask, "CHUNK", 2)
+    monkeypatch.setattr(tokenize_mask, "_build_chunk", _dies)
+    rows = [{"id": str(i), "dialogue": DIALOGUE, "summary": SUMMARY} for i in range(6)]
+    with pytest.raises(PipelineError, match="a worker process building the examples died"):
+        tokenize_split(tiny_tokenizer, rows, PromptParams(instruction=INSTRUCTION, max_length=120, date_string=DATE),
+                       workers=2)
