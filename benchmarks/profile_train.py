@@ -58,7 +58,8 @@ def main() -> None:
     print(events.table(sort_by=device_key, row_limit=15, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
     if torch.cuda.is_available():
-        busy = sum(e.self_device_time_total for e in events) / 1e6
+        # The kernels' own rows only: an operator's row repeats the device time of the kernels it launched.
+        busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
         print(f"GPU busy {busy / ACTIVE:.3f} s per optimizer step (profiled steps); whole run {wall:.1f} s for "
               f"{steps} steps ({wall / steps:.3f} s per step, profiler overhead included)")
 
