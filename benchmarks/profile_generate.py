@@ -10,7 +10,8 @@ vocabulary), so every setup does the same work:
 
 - for each batch size: stages.evaluate.generate over every prompt, timed twice: with one new token (the
   prefill alone) and with --max-new-tokens; the difference over the decoding steps is the time of one step;
-- a torch.profiler trace of one batch of the first batch size: the operators with the most GPU and CPU time,
+- a torch.profiler trace of one batch of the first batch size, with the stage's attention kernels
+  (stages.evaluate.GENERATION_ATTENTION): the operators with the most GPU and CPU time,
   and how busy the GPU was (a GPU far less busy than the wall time means the host bounds the decoding);
 - with --static: transformers' static key/value cache (which compiles the decoding step), first call
   (compiling included) and second call on the same batch.
@@ -28,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import sdpa_kernel
 from transformers import AutoConfig, GenerationConfig
 
 from benchmarks import report
 from benchmarks.bench_eval import TEST_EXAMPLES, project_params
 from benchmarks.lengths import examples_for, prompts_of
 from benchmarks.llama_shaped import benchmark_model
-from stages.evaluate import generate, load_for_generation
+from stages.evaluate import GENERATION_ATTENTION, generate, left_padded, load_for_generation
 from stages.modeling import choose_device, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,16 +48,6 @@ def timed(fn) -> tuple[Any, float]:
     out = fn()
     report.synchronize()
     return out, time.perf_counter() - started
-
-
-def left_padded(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.as_tensor(p)
-        mask[row, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def batch_sizes_row(model, tokenizer, prompts, batch: int, new_tokens: int, never: int) -> dict[str, Any]:
@@ -78,7 +70,8 @@ def profile_batch(model, ids, mask, config) -> dict[str, Any]:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.inference_mode(), torch.profiler.profile(activities=activities) as profiler:
+    with (torch.inference_mode(), sdpa_kernel(GENERATION_ATTENTION),
+          torch.profiler.profile(activities=activities) as profiler):
         _, wall = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=config))
     events = profiler.key_averages()
     key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
@@ -103,7 +96,7 @@ def static_rows(model, ids, mask, base: GenerationConfig) -> dict[str, Any]:
         def run() -> Any:
             return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
 
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_kernel(GENERATION_ATTENTION):
             _, out["first_s"] = timed(run)
             _, out["second_s"] = timed(run)
     except Exception as err:  # a probe: say what failed rather than stop the other numbers

@@ -85,6 +85,17 @@ def share_batches(batches: list[list[int]], prompts: list[list[int]], max_new_to
     return mine
 
 
+def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as one batch padded on the left to the longest, and its attention mask, on `device`."""
+    width = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 @torch.inference_mode()
 def generate_batches(
     model: torch.nn.Module,
@@ -104,15 +115,9 @@ def generate_batches(
     with (tqdm(total=sum(map(len, batches)), desc="generate", unit="ex", disable=not launch.is_main()) as bar,
           sdpa_kernel(GENERATION_ATTENTION)):
         for batch in batches:
-            width = max(len(prompts[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, width - len(prompts[i]) :] = torch.as_tensor(prompts[i])
-                attention_mask[row, width - len(prompts[i]) :] = 1
-            out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-            )
+            input_ids, attention_mask = left_padded([prompts[i] for i in batch], tokenizer.pad_token_id, device)
+            width = input_ids.shape[1]
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
             for row, i in enumerate(batch):
                 results[i] = _decode(tokenizer, out[row, width:].tolist(), stop_ids)
             bar.update(len(batch))
