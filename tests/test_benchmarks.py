@@ -130,6 +130,15 @@ def test_bench_eval_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: None
         for key in ("seconds_per_example", "wall_seconds", "load_seconds", "peak_memory_gib", "speedup"):
             assert result[key] > 0
     assert project["wall_seconds"] >= project["load_seconds"] + project["generate_seconds"] - 0.01
+    assert report["config"]["target_wall_seconds"] == 30.0
+    assert [r["within_target"] for r in report["results"]] == [r["wall_seconds"] <= 30.0 for r in report["results"]]
+
+
+def test_bench_eval_judges_each_shape_by_its_own_goal():
+    rows = [{"wall_seconds": 45.0}, {"wall_seconds": 61.0}]
+    assert [r["within_target"] for r in bench_eval.judged([dict(r) for r in rows], "8B")] == [True, False]
+    assert [r["within_target"] for r in bench_eval.judged([dict(r) for r in rows], "1B")] == [False, False]
+    assert [r["within_target"] for r in bench_eval.judged([dict(r) for r in rows], "3B")] == [None, None]
 
 
 def test_bench_train_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: None):
