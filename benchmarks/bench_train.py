@@ -280,7 +280,7 @@ def project_trainer(bench: Bench, meter: ThroughputMeter) -> Trainer:
     model = train.add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
     # Never the project's models/checkpoints.
     trainer = train.build_trainer(params, policy, model, tokenizer, dataset, None, [meter],
-                                  output_dir=str(bench.scratch / "project"))
+                                  output_dir=str(bench.scratch / "project"), plan=plan)
     trainer.memory_plan = {**plan.describe(), "dequantize": params.training.dequantize,
                            "max_tokens_per_micro_batch": params.training.max_tokens_per_micro_batch} if plan else None
     return trainer

@@ -14,6 +14,10 @@ Training, from the fastest plan to the smallest:
   3. activation checkpointing, base unpacked (if it was), the cap lowered to what fits (down to the longest
      example);
   4. checkpointing with the 4-bit base, likewise.
+Checkpointing the plan turns on is decided per pass: a pass checkpoints only as many decoder layers as its own
+tokens need to fit (none for small passes), since every checkpointed layer runs its forward pass twice; the
+plan's `pass_limits` say how many tokens fit with each number of checkpointed layers. Checkpointing set in
+params.yaml stays on for every layer of every pass.
 Generation: the base unpacked (eval.dequantize) if it fits with a batch of at least MIN_UNPACKED_BATCH dialogues,
 else the 4-bit base; the batch halved until it fits.
 
@@ -95,14 +99,43 @@ class TrainPlan:
     estimate_gib: float  # peak allocated, HEADROOM and CONTEXT_GIB included: what is compared with the budget
     budget_gib: float
     changed: tuple[str, ...]  # what differs from the params, in words
+    # Checkpointing per pass: pass_limits[c] is the most tokens a pass may have with its first c decoder layers
+    # checkpointed. None: checkpointing, if on, covers every layer of every pass.
+    pass_limits: tuple[int, ...] | None = None
+    largest_pass: int | None = None  # the most tokens a pass can have under this plan (the cap, or the data's)
 
     def apply(self, training: TrainingParams) -> TrainingParams:
         return replace(training, dequantize=self.dequantize, gradient_checkpointing=self.gradient_checkpointing,
                        max_tokens_per_micro_batch=self.max_tokens_per_micro_batch)
 
+    def layers_to_checkpoint(self, tokens: int) -> int | None:
+        """How many decoder layers a pass of `tokens` tokens checkpoints: the fewest that let it fit (None: what
+        training.gradient_checkpointing says, for every layer)."""
+        if self.pass_limits is None:
+            return None
+        return next((c for c, limit in enumerate(self.pass_limits) if tokens <= limit),
+                    self.pass_limits.index(max(self.pass_limits)))
+
+    def checkpointing_steps(self) -> list[list[int]]:
+        """[[most tokens, checkpointed layers], ...] for the passes this plan can meet, in increasing size."""
+        if self.pass_limits is None:
+            return []
+        largest = self.largest_pass or self.max_tokens_per_micro_batch or max(self.pass_limits)
+        steps, last = [], -1
+        for c, limit in enumerate(self.pass_limits):
+            if limit > last:
+                steps.append([min(limit, largest), c])
+                last = limit
+            if limit >= largest:
+                break
+        return steps
+
     def describe(self) -> dict[str, Any]:
-        return {"budget_gib": round(self.budget_gib, 2), "estimate_gib": round(self.estimate_gib, 2),
-                "changed": list(self.changed)}
+        described = {"budget_gib": round(self.budget_gib, 2), "estimate_gib": round(self.estimate_gib, 2),
+                     "changed": list(self.changed)}
+        if self.pass_limits is not None:
+            described["checkpointed_layers_by_pass_tokens"] = self.checkpointing_steps()
+        return described
 
 
 @dataclass(frozen=True)
@@ -146,11 +179,14 @@ def layer_bytes_per_token(shape: Shape, element: int) -> float:
     return (SAVED_HIDDEN * shape.hidden + SAVED_KV * shape.kv_width + SAVED_MLP * shape.intermediate) * element
 
 
-def activation_bytes_per_token(shape: Shape, element: int, checkpointing: bool, loss_fraction: float) -> float:
-    """Activations of a training pass per token: every layer's (or, checkpointed, every layer's input and one
-    layer's recomputed activations), and the loss tokens' logits."""
-    layer = layer_bytes_per_token(shape, element)
-    layers = shape.layers * shape.hidden * element + layer if checkpointing else shape.layers * layer
+def activation_bytes_per_token(shape: Shape, element: int, checkpointing: bool | int, loss_fraction: float) -> float:
+    """Activations of a training pass per token, `checkpointing` every layer (True), none (False) or the first
+    `checkpointing` layers: each checkpointed layer keeps its input, every other layer all it saves, and while
+    the backward pass recomputes a checkpointed layer the layers after it have been freed, so at least one
+    layer's activations are held; plus the loss tokens' logits."""
+    checkpointed = shape.layers if checkpointing is True else int(checkpointing)
+    held = max(shape.layers - checkpointed, min(checkpointed, 1))  # layers whose activations are held at once
+    layers = checkpointed * shape.hidden * element + held * layer_bytes_per_token(shape, element)
     return layers + loss_fraction * shape.vocab * LOGIT_BYTES
 
 
@@ -188,8 +224,12 @@ def plan_training(shape: Shape, training: TrainingParams, budget_gib: float, *, 
     tried = []
     for unpacked, checkpointing in candidates:
         fixed = base_bytes(shape, use_4bit, unpacked, element, double_quant) + lora
-        per_token = activation_bytes_per_token(shape, element, checkpointing, loss_fraction)
-        fits = _tokens_that_fit(budget_gib, fixed, per_token)
+        # Checkpointing the plan turns on is per pass; the user's covers every layer (module docstring).
+        per_pass = checkpointing and not training.gradient_checkpointing
+        layer_counts = range(shape.layers + 1) if per_pass else [shape.layers if checkpointing else 0]
+        limits = {c: _tokens_that_fit(budget_gib, fixed, activation_bytes_per_token(shape, element, c, loss_fraction))
+                  for c in layer_counts}
+        fits = max(limits.values())
         tried.append(f"{_words(unpacked, checkpointing, use_4bit)}: {fits:,} tokens per pass fit")
         largest_pass = min(cap or largest_step_tokens, largest_step_tokens)
         # A lower cap, if needed: never below the longest example, and without checkpointing not below the mean
@@ -198,16 +238,19 @@ def plan_training(shape: Shape, training: TrainingParams, budget_gib: float, *, 
         if largest_pass > fits and fits < floor:
             continue
         new_cap = cap if largest_pass <= fits else fits
-        estimate = _gib(fixed + per_token * min(new_cap or largest_pass, largest_pass))
+        heaviest = min(new_cap or largest_pass, largest_pass)
+        # The peak: each number of checkpointed layers used, at the largest pass it is used for.
+        estimate = max(_gib(fixed + min(limit, heaviest) * activation_bytes_per_token(shape, element, c, loss_fraction))
+                       for c, limit in limits.items() if c <= min(c for c in limits if limits[c] >= heaviest))
         changed = []
         if unpacked != (use_4bit and training.dequantize):
             changed.append("training.dequantize=false (the 4-bit base)")
-        if checkpointing != training.gradient_checkpointing:
-            changed.append("training.gradient_checkpointing=true")
+        if per_pass:
+            changed.append("training.gradient_checkpointing=true (per pass, of the layers the pass needs)")
         if new_cap != cap:
             changed.append(f"training.max_tokens_per_micro_batch={new_cap} (from {cap})")
         return TrainPlan(unpacked if use_4bit else training.dequantize, checkpointing, new_cap, estimate,
-                         budget_gib, tuple(changed))
+                         budget_gib, tuple(changed), tuple(limits.values()) if per_pass else None, heaviest)
     smallest = base_bytes(shape, use_4bit, False, element, double_quant) + lora + longest_example * (
         activation_bytes_per_token(shape, element, True, loss_fraction))
     raise PipelineError(

@@ -9,6 +9,9 @@ and each piece runs forward and backward on its own, its summed loss divided by 
 those of one pass, up to float rounding; only the random draws of dropout differ, as they fall on other shapes.
 Each pass has a fixed cost on top of its tokens, so every extra pass costs time: the cap trades speed for memory
 (README, Performance: a 1B step cut into two passes ran at about half the tokens/s on an H200).
+
+Under a memory plan that checkpoints per pass (stages.budget.TrainPlan.layers_to_checkpoint), each pass turns
+activation checkpointing on for as many of the first decoder layers as its tokens need, and off for the others.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import ProgressCallback, Trainer
 
 from stages.batching import split_batch
 from stages.checkpoints import CHECKPOINTS, resume_advice
+from stages.compiling import decoder_layers
 from stages.errors import PipelineError
 from stages.modeling import peak_memory_gib
 from stages.objective import loss_token_count, summary_loss
@@ -31,11 +36,23 @@ from stages.params import TrainingParams
 class TokenCappedTrainer(Trainer):
     """transformers' Trainer, running any micro-batch of more than `max_tokens` tokens as several passes."""
 
-    def __init__(self, *args, max_tokens: int | None = None, **kwargs):
+    def __init__(self, *args, max_tokens: int | None = None,
+                 layers_to_checkpoint: Callable[[int], int | None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_tokens = max_tokens
+        self.layers_to_checkpoint = layers_to_checkpoint  # tokens of a pass -> decoder layers it checkpoints
         self.passes = 0  # forward/backward passes run by this Trainer
+        self.checkpointed_layers = 0  # summed over the passes, when checkpointing is decided per pass
         self.running_pass: int | None = None  # tokens of the pass under way; None between passes
+        self._layers: list[torch.nn.Module] | None = None
+
+    def _checkpoint_first(self, count: int) -> None:
+        """Activation checkpointing on for the first `count` decoder layers, off for the rest."""
+        if self._layers is None:
+            self._layers = decoder_layers(self.model)
+        for i, layer in enumerate(self._layers):
+            layer.gradient_checkpointing = i < count
+        self.checkpointed_layers += min(count, len(self._layers))
 
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         pieces = split_batch(inputs, self.max_tokens) if self.max_tokens else [inputs]
@@ -46,6 +63,9 @@ class TokenCappedTrainer(Trainer):
         losses = []
         for i, piece in enumerate(pieces):
             self.running_pass = piece["input_ids"].numel()
+            count = self.layers_to_checkpoint(self.running_pass) if self.layers_to_checkpoint else None
+            if count is not None:
+                self._checkpoint_first(count)
             # Several processes: gradients are exchanged once per micro-batch, after its last pass (processes may cut
             # their shares into different numbers of passes).
             last = i == len(pieces) - 1

@@ -37,7 +37,7 @@ from stages.checkpoints import (
     run_fingerprint,
     train_resuming,
 )
-from stages.compiling import compile_layers
+from stages.compiling import compile_layers, decoder_layers
 from stages.curves import curves_callback
 from stages.errors import PipelineError, run_stage
 from stages.files import atomic_dir, write_json
@@ -192,9 +192,11 @@ def build_trainer(
     validation: Dataset | None,
     callbacks: list,
     output_dir: str = CHECKPOINTS,
+    plan: TrainPlan | None = None,
 ) -> TokenCappedTrainer:
-    """The Trainer of the train stage: our collators (labels kept, never rebuilt), the summary-only loss, and
-    passes of at most training.max_tokens_per_micro_batch tokens."""
+    """The Trainer of the train stage: our collators (labels kept, never rebuilt), the summary-only loss,
+    passes of at most training.max_tokens_per_micro_batch tokens and, if the memory plan says so, checkpointing
+    decided per pass."""
     args = training_arguments(params, policy, has_eval=validation is not None)
     args.output_dir = output_dir
     launch.one_gpu_per_process(args)
@@ -208,6 +210,7 @@ def build_trainer(
         compute_loss_func=summary_loss,
         callbacks=callbacks,
         max_tokens=params.training.max_tokens_per_micro_batch,
+        layers_to_checkpoint=plan.layers_to_checkpoint if plan is not None and plan.pass_limits else None,
     )
 
 
@@ -296,7 +299,7 @@ def train(params: Params) -> None:
     callbacks = curves_callback(resume=bool(resume_from)) if launch.is_main() else []
     has_eval = "validation" in data and len(data["validation"]) > 0
     trainer = build_trainer(params, policy, model, tokenizer, data["train"], data["validation"] if has_eval else None,
-                            callbacks)
+                            callbacks, plan=plan)
     start = time.perf_counter()
     try:
         result, tokens = train_resuming(trainer, resume_from)  # tokens of all processes
@@ -307,7 +310,7 @@ def train(params: Params) -> None:
     for callback in callbacks:
         callback.live.end()
     # Every process's peak and passes, gathered on all of them.
-    per_process = launch.gather([(round(peak_memory_gib(), 3), trainer.passes)])
+    per_process = launch.gather([(round(peak_memory_gib(), 3), trainer.passes, trainer.checkpointed_layers)])
     if not launch.is_main():
         return
 
@@ -316,6 +319,7 @@ def train(params: Params) -> None:
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's empty card template; the card stage writes the card
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    micro_batches = sum(passes for _, passes, _ in per_process)
     resumed_step = checkpoint_step(resume_from) if resume_from else 0
     # Short names: `dvc exp show` opens with these columns, and a terminal is 160 characters wide.
     write_json(
@@ -324,7 +328,7 @@ def train(params: Params) -> None:
             "train_loss": round(losses[-1], 4) if losses else None,
             "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
             "tokens_per_s": round(tokens / runtime, 1),  # all processes together
-            "peak_memory_gib": max(peak for peak, _ in per_process),  # of the fullest GPU (or process on CPU)
+            "peak_memory_gib": max(peak for peak, *_ in per_process),  # of the fullest GPU (or process on CPU)
             "runtime_s": round(runtime, 2),
             # The process count is the training.num_processes column of `dvc exp show` and num_processes below:
             # one more metric column would push the ROUGE columns past a 160-column terminal.
@@ -344,12 +348,15 @@ def train(params: Params) -> None:
             "adapter_mb": round(file_mb(Path(ADAPTER) / "adapter_model.safetensors"), 3),
             **policy.describe(),
             "num_processes": len(per_process),
-            "peak_memory_gib_per_process": [peak for peak, _ in per_process],
+            "peak_memory_gib_per_process": [peak for peak, *_ in per_process],
             "quantized": params.quantization.use_4bit,
             "optim": policy.optim,
             "max_tokens_per_micro_batch": params.training.max_tokens_per_micro_batch,
-            "micro_batches": sum(passes for _, passes in per_process),  # forward/backward passes, all processes
+            "micro_batches": micro_batches,  # forward/backward passes, all processes
             "gradient_checkpointing": params.training.gradient_checkpointing,
+            # Under a plan that checkpoints per pass: the decoder layers a pass checkpointed, on average.
+            "checkpointed_layers_per_pass": round(sum(c for *_, c in per_process) / max(1, micro_batches), 2)
+            if trainer.layers_to_checkpoint else None,
             "padding_free": params.training.padding_free,
             "attention": model.get_base_model().config._attn_implementation,
             "dequantized": params.quantization.use_4bit and params.training.dequantize,
@@ -358,6 +365,9 @@ def train(params: Params) -> None:
             "memory_plan": plan.describe() if plan else None,
         },
     )
+    if trainer.layers_to_checkpoint:
+        log.info("activation checkpointing per pass: %.1f of %d decoder layers on average over %d passes",
+                 sum(c for *_, c in per_process) / max(1, micro_batches), len(decoder_layers(model)), micro_batches)
     log.info("adapter saved to %s", ADAPTER)
 
 

@@ -12,7 +12,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks import bench_compile, bench_eval, bench_loop, bench_memory, bench_train, check_packed, profile_generate
+from benchmarks import (
+    bench_compile,
+    bench_eval,
+    bench_loop,
+    bench_memory,
+    bench_train,
+    check_packed,
+    profile_generate,
+    profile_train,
+)
 from benchmarks.lengths import IGNORE_INDEX, SAMSUM, examples_for, ordinary_token_ids, prompts_of, sample_lengths
 from benchmarks.llama_shaped import SHAPES, build_llama_1b_shaped, default_tokenizer_dir
 from benchmarks.samsum_size import build_splits, template_lengths
@@ -111,6 +120,19 @@ def test_profile_generate_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread
     assert [(r["batch_size"], r["batches"], r["new_tokens"]) for r in rows] == [(4, 3, 3), (10, 1, 3)]
     assert all(r["generate_s"] > 0 and r["prefill_s"] > 0 for r in rows)
     assert profiled["batch_size"] == 4 and profiled["top_ops"]
+
+
+def test_profile_train_tiny_writes_its_profile(tmp_path: Path, bench_tokenizer: Path, one_thread: None):
+    profile_train.main(["--tiny", "--set", "training.max_tokens_per_micro_batch=512", "--label", "cap",
+                        "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "model"),
+                        "--tokenizer", str(bench_tokenizer)])
+    report = _read_report(tmp_path / "out", "profile-train")
+    assert [p.name.endswith("-cap.json") for p in (tmp_path / "out").iterdir()] == [True]
+    config, results = report["config"], report["results"]
+    assert config["shape"] == "tiny" and config["overrides"] == {"training": {"max_tokens_per_micro_batch": 512}}
+    assert config["settings"]["collator"] == "FlatCollator" and config["profiled_steps"] == profile_train.ACTIVE
+    assert results["wall_s"] > 0 and results["top_cpu_ops"] and results["gpu_busy_s_per_profiled_step"] is None
+    assert all(op["self_cpu_ms"] >= 0 and op["count"] > 0 for op in results["top_cpu_ops"])
 
 
 def test_bench_eval_tiny(tmp_path: Path, bench_tokenizer: Path, one_thread: None):

@@ -82,12 +82,18 @@ def test_the_default_1b_job_on_a_large_card_is_left_as_it_is():
     assert chosen.changed == () and chosen.apply(TrainingParams()) == TrainingParams()
 
 
+PER_PASS = "training.gradient_checkpointing=true (per pass, of the layers the pass needs)"
+
+
 def test_1b_within_6_gib_checkpoints_and_keeps_the_base_unpacked():
     chosen = plan("1B", 6)
     assert (chosen.dequantize, chosen.gradient_checkpointing) == (True, True)
     assert MEAN_STEP <= chosen.max_tokens_per_micro_batch < LARGEST_STEP and chosen.estimate_gib <= 6
-    assert chosen.changed == ("training.gradient_checkpointing=true",
+    assert chosen.changed == (PER_PASS,
                               f"training.max_tokens_per_micro_batch={chosen.max_tokens_per_micro_batch} (from 8192)")
+    # The cap is what fits with 15 of the 16 layers checkpointed: the last layer's backward comes first, so
+    # checkpointing it too would only add its input to what is held.
+    assert chosen.layers_to_checkpoint(chosen.max_tokens_per_micro_batch) == 15
 
 
 @pytest.mark.parametrize("gib", [12, 16])
@@ -95,7 +101,40 @@ def test_8b_on_small_cards_trains_over_the_4bit_base_with_checkpointing(gib):
     chosen = plan("8B", gib)
     assert (chosen.dequantize, chosen.gradient_checkpointing, chosen.max_tokens_per_micro_batch) == (False, True, 8192)
     assert chosen.estimate_gib <= gib
-    assert chosen.changed == ("training.dequantize=false (the 4-bit base)", "training.gradient_checkpointing=true")
+    assert chosen.changed == ("training.dequantize=false (the 4-bit base)", PER_PASS)
+
+
+@pytest.mark.parametrize("name,gib", [("1B", 6), ("8B", 12), ("8B", 16), ("8B", 23.6), ("3B", 16)])
+def test_each_pass_checkpoints_the_fewest_layers_that_let_it_fit(name, gib):
+    chosen, s = plan(name, gib), shape(name)
+    fixed = training_bytes(s, 0, use_4bit=True, unpacked=chosen.dequantize, checkpointing=False, element=2,
+                           loss_fraction=SAMSUM_LOSS_FRACTION)
+
+    def gib_for(tokens: int, layers: int) -> float:
+        return budget._gib(fixed + tokens * budget.activation_bytes_per_token(s, 2, layers, SAMSUM_LOSS_FRACTION))
+
+    counts = []
+    for tokens in range(LONGEST, chosen.max_tokens_per_micro_batch + 1, 97):
+        layers = chosen.layers_to_checkpoint(tokens)
+        assert gib_for(tokens, layers) <= gib <= (gib_for(tokens, layers - 1) if layers else gib), (tokens, layers)
+        assert gib_for(tokens, layers) <= chosen.estimate_gib + 1e-9
+        counts.append(layers)
+    assert counts == sorted(counts) and counts[0] < counts[-1] < s.layers  # more tokens, more layers; never all
+    # What the plan records: [most tokens, layers] in increasing size, ending at the cap.
+    steps = chosen.describe()["checkpointed_layers_by_pass_tokens"]
+    assert steps[-1][0] == min(chosen.max_tokens_per_micro_batch, LARGEST_STEP) and steps == sorted(steps)
+    assert all(chosen.layers_to_checkpoint(t) == c for t, c in steps)
+
+
+def test_checkpointing_by_layers_interpolates_none_and_all():
+    s, loss = shape("8B"), SAMSUM_LOSS_FRACTION
+    none, every = (budget.activation_bytes_per_token(s, 2, c, loss) for c in (False, True))
+    assert budget.activation_bytes_per_token(s, 2, 0, loss) == none
+    assert budget.activation_bytes_per_token(s, 2, s.layers, loss) == every
+    # Each layer checkpointed keeps its input (hidden x 2 bytes) instead of all it saves (139,264 bytes for 8B).
+    layer, hidden = budget.layer_bytes_per_token(s, 2), s.hidden * 2
+    assert layer == (6 * 4096 + 2 * 1024 + 3 * 14336) * 2
+    assert none - budget.activation_bytes_per_token(s, 2, 10, loss) == 10 * (layer - hidden)
 
 
 def test_8b_on_a_24_gib_card_checkpoints_over_the_unpacked_base():
@@ -127,6 +166,9 @@ def test_a_users_memory_switches_are_never_undone():
     asked = TrainingParams(gradient_checkpointing=True, dequantize=False)
     chosen = plan("1B", 139.8, asked)
     assert (chosen.dequantize, chosen.gradient_checkpointing, chosen.changed) == (False, True, ())
+    # Checkpointing asked for covers every layer of every pass, even under a budget that needs it.
+    small = plan("8B", 12, asked)
+    assert small.pass_limits is None and small.layers_to_checkpoint(8192) is None and small.changed == ()
 
 
 def test_a_users_small_cap_that_fits_is_kept():
@@ -186,6 +228,34 @@ def test_train_stage_applies_the_plan_and_says_so(caplog, monkeypatch):
     assert f"memory budget {gib:.1f} GiB (set)" in caplog.text and "would not fit" in caplog.text
     # No budget on CPU: nothing planned, nothing capped.
     assert train.plan_memory(params, CPU, rows) == (params, None) and len(capped) == 1
+
+
+def test_train_stage_under_a_budget_checkpoints_each_pass_as_it_needs(tmp_path):
+    """One example per step over the 4-bit base, a budget that fits the longest example with half the layers
+    checkpointed: the stage plans per-pass checkpointing, says so, and records the layers its passes checkpointed."""
+    import yaml
+    from datasets import load_from_disk
+    from test_train import run_stage, tokenized_project, train_figures
+
+    params = tokenized_project(tmp_path, per_device_train_batch_size=1)
+    s = Shape.from_config(budget_config(TINY_MODEL))
+    train_rows = load_from_disk(str(tmp_path / "data" / "tokenized"))["train"]
+    labels = [label for row in train_rows["labels"] for label in row]
+    loss_fraction = sum(label != -100 for label in labels) / len(labels)
+    lengths = sorted(train_rows["length"])
+    lora = budget.lora_weights(s, params["lora"]["r"], params["lora"]["target_modules"]) * budget.LORA_STATE_BYTES
+    fixed = budget.base_bytes(s, True, False, 4) + lora  # the 4-bit base, as set below
+    gib = budget._gib(fixed + lengths[-1] * budget.activation_bytes_per_token(s, 4, s.layers // 2, loss_fraction))
+    gib += 1e-6  # ~1 KB: the longest example fits exactly, not one byte short of float rounding
+    params["training"].update(max_memory_gib=gib, dequantize=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    logged = run_stage(tmp_path, "stages.train").stderr
+    facts = train_figures(tmp_path)
+    assert PER_PASS in facts["memory_plan"]["changed"] and facts["gradient_checkpointing"]
+    steps = facts["memory_plan"]["checkpointed_layers_by_pass_tokens"]
+    assert steps[-1] == [lengths[-1], s.layers // 2]  # the longest example fits with half the layers checkpointed
+    assert 0 < facts["checkpointed_layers_per_pass"] < s.layers // 2 + 1 and facts["micro_batches"] == 6
+    assert "decoder layers on average over 6 passes" in logged and "per pass, of the layers" in logged
 
 
 def test_evaluate_stage_applies_the_plan(monkeypatch):

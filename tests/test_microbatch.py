@@ -92,7 +92,7 @@ def dataset(tiny_tokenizer):
 
 
 def one_step_trainer(padding_free: bool, cap: int | None, dataset, tokenizer, tmp_path, validation=None,
-                     eval_batch: int = 8):
+                     eval_batch: int = 8, plan=None):
     """The train stage's Trainer for one optimizer step of 8 sequences over a float32 base (no 4-bit kernels, which
     compute in bf16 on some CPUs) and no dropout, so the two runs compared draw nothing at random."""
     from stages.modeling import choose_device, load_base_model
@@ -102,11 +102,12 @@ def one_step_trainer(padding_free: bool, cap: int | None, dataset, tokenizer, tm
         model={"base_model": str(TINY_MODEL)}, quantization={"use_4bit": False}, lora={"lora_dropout": 0.0},
         training={"max_steps": 1, "logging_steps": 1, "save_strategy": "no", "per_device_train_batch_size": 8,
                   "warmup_steps": 0, "padding_free": padding_free, "max_tokens_per_micro_batch": cap,
-                  "per_device_eval_batch_size": eval_batch}))
+                  "per_device_eval_batch_size": eval_batch, "gradient_checkpointing": plan is not None}))
     policy = choose_device(params.quantization)
     torch.manual_seed(0)  # the same LoRA initialisation in every trainer
     model = add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
-    return build_trainer(params, policy, model, tokenizer, dataset, validation, [], output_dir=str(tmp_path / "out"))
+    return build_trainer(params, policy, model, tokenizer, dataset, validation, [], output_dir=str(tmp_path / "out"),
+                         plan=plan)
 
 
 def lora_tensors(model, grad: bool = False) -> dict[str, torch.Tensor]:
@@ -146,6 +147,45 @@ def test_a_split_step_has_the_loss_gradients_and_update_of_one_pass(padding_free
     # Adam's first step moves each weight by ~lr (0.002): 1e-5 is half a percent of that.
     for name, weight in whole["weights"].items():
         torch.testing.assert_close(split["weights"][name], weight, rtol=0, atol=1e-5, msg=name)
+
+
+def test_checkpointing_per_pass_covers_the_layers_each_pass_needs_and_leaves_the_gradients(dataset, tiny_tokenizer,
+                                                                                            tmp_path):
+    from stages.budget import TrainPlan
+    from stages.compiling import decoder_layers
+
+    whole = one_step_trainer(True, None, dataset, tiny_tokenizer, tmp_path)
+    batch = whole.data_collator([dataset[i] for i in range(len(dataset))])
+    count = loss_token_count(batch["labels"])
+    expected_loss = whole.training_step(whole.model, batch, num_items_in_batch=count).item()
+    expected = lora_tensors(whole.model, grad=True)
+
+    sizes = sorted(tokens(p) for p in split_batch(batch, CAP))
+    assert len(set(sizes)) == 3  # three passes of different sizes: none, one and three layers checkpointed
+    limits = (sizes[0], sizes[1], sizes[1], sizes[2], sizes[2], sizes[2], sizes[2])
+    plan = TrainPlan(True, True, CAP, 1.0, 1.0, (), pass_limits=limits)
+    trainer = one_step_trainer(True, CAP, dataset, tiny_tokenizer, tmp_path, plan=plan)
+    layers = decoder_layers(trainer.model)
+    assert len(layers) == len(limits) - 1
+    recomputed = []  # (tokens of the pass, layer) for every checkpointed forward
+
+    def counting(index, checkpoint):
+        def run(*args, **kwargs):
+            recomputed.append((trainer.running_pass, index))
+            return checkpoint(*args, **kwargs)
+        return run
+
+    for i, layer in enumerate(layers):
+        layer._gradient_checkpointing_func = counting(i, layer._gradient_checkpointing_func)
+    loss = trainer.training_step(trainer.model, batch, num_items_in_batch=count).item()
+    # Each pass checkpointed its first k layers, k the fewest whose limit holds its tokens.
+    assert sorted(recomputed) == [(sizes[1], 0), (sizes[2], 0), (sizes[2], 1), (sizes[2], 2)]
+    assert trainer.passes == 3 and trainer.checkpointed_layers == 0 + 1 + 3
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    for name, grad in expected.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(lora_tensors(trainer.model, grad=True)[name], grad, rtol=1e-5, atol=1e-5 * scale,
+                                   msg=name)
 
 
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
