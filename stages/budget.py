@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -324,8 +325,21 @@ def adopt(plan: TrainPlan | EvalPlan, source: str, configured: float | None, dev
         stage_log.info("%s with %s: the settings as given would not fit", said, ", ".join(plan.changed))
     else:
         stage_log.info("%s: the settings fit as given", said)
+    if configured is not None or plan.changed:
+        fewer_fragments(device)
     if configured is not None:
         cap_allocator(plan.budget_gib, device)
+
+
+def fewer_fragments(device: str) -> None:
+    """Let torch's allocator grow its blocks in place (expandable segments) rather than keep blocks of every size
+    it has met. Under a plan that fills the budget, passes of changing sizes otherwise leave gaps that torch holds
+    but cannot use: on an H200, 1.2 GiB of an 11 GiB allowance for the 8B shape, beyond the HEADROOM the estimates
+    keep. A user's own PYTORCH_CUDA_ALLOC_CONF naming expandable_segments is left as it is."""
+    if device != "cuda" or "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    setting = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setting("expandable_segments:True")
 
 
 def cap_allocator(budget: float, device: str) -> None:

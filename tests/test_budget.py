@@ -258,6 +258,25 @@ def test_train_stage_under_a_budget_checkpoints_each_pass_as_it_needs(tmp_path):
     assert "decoder layers on average over 6 passes" in logged and "per pass, of the layers" in logged
 
 
+def test_a_plan_that_changes_settings_or_holds_a_budget_asks_for_expandable_segments(monkeypatch):
+    asked = []
+    monkeypatch.setattr(budget, "cap_allocator", lambda gib, device: asked.append(("cap", gib)))
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", asked.append, raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    planned, as_set = plan("8B", 16), plan("8B", 80)
+    stage_log = logging.getLogger("test")
+    budget.adopt(planned, "the GPU's memory", None, "cuda", stage_log)
+    assert asked == ["expandable_segments:True"]
+    budget.adopt(as_set, "the GPU's memory", None, "cuda", stage_log)  # nothing changed, no budget set
+    assert asked == ["expandable_segments:True"]
+    budget.adopt(as_set, "set", 80, "cuda", stage_log)
+    assert asked[1:] == ["expandable_segments:True", ("cap", 80)]
+    budget.adopt(planned, "set", 16, "cpu", stage_log)  # no CUDA allocator to set
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")  # the user's choice stands
+    budget.adopt(planned, "the GPU's memory", None, "cuda", stage_log)
+    assert asked[3:] == [("cap", 16)]
+
+
 def test_evaluate_stage_applies_the_plan(monkeypatch):
     monkeypatch.setattr(budget, "cap_allocator", lambda gib, device: None)
     params = _params(TINY_MODEL)
