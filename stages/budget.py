@@ -53,6 +53,10 @@ CONTEXT_GIB = 1.0  # CUDA context, cuBLAS/attention workspaces: outside torch's 
 # copy for the loss and its gradient).
 SAVED_HIDDEN, SAVED_KV, SAVED_MLP = 6, 2, 3
 LOGIT_BYTES = 9
+# Checkpointing some layers only: the backward pass's temporaries of the layer it works on, in layers' worth of
+# saved activations (fitted to the 8B shape's peaks with 26, 30 and 31 of 32 layers checkpointed; with none or all
+# checkpointed, the constants above already hold them).
+PARTIAL_BACKWARD_LAYERS = 0.5
 NF4_BYTES = 0.5  # per weight of a 4-bit linear layer, plus its block constants:
 BLOCK_CONSTANTS_BYTES = {True: 1 / 64 + 4 / (64 * 256), False: 4 / 64}  # double quant: 8-bit absmax per 64 weights
 LORA_STATE_BYTES = 16  # per trainable weight: float32 weight and gradient, 8-bit Adam states, rounding
@@ -187,6 +191,8 @@ def activation_bytes_per_token(shape: Shape, element: int, checkpointing: bool |
     layer's activations are held; plus the loss tokens' logits."""
     checkpointed = shape.layers if checkpointing is True else int(checkpointing)
     held = max(shape.layers - checkpointed, min(checkpointed, 1))  # layers whose activations are held at once
+    if 0 < checkpointed < shape.layers:
+        held += PARTIAL_BACKWARD_LAYERS
     layers = checkpointed * shape.hidden * element + held * layer_bytes_per_token(shape, element)
     return layers + loss_fraction * shape.vocab * LOGIT_BYTES
 

@@ -18,6 +18,7 @@ from benchmarks import (
     bench_loop,
     bench_memory,
     bench_train,
+    card_plans,
     check_packed,
     profile_generate,
     profile_train,
@@ -361,3 +362,11 @@ def test_bench_loop_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
                                           for e in sweep["experiments"])
     with pytest.raises(SystemExit, match="exists: run the job part in an empty --workdir"):
         bench_loop.main([*common, "--parts", "job", "--out", str(tmp_path / "out3")])
+
+
+def test_the_readmes_card_table_is_what_the_memory_plans_choose():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = card_plans.table()
+    assert table in readme
+    # The 8B base on a 24 GB card: only checkpointing per pass lets its heaviest step fit.
+    assert "| 8B | checkpointing per pass (up to" in table
