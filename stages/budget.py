@@ -126,7 +126,7 @@ class TrainPlan:
         if self.pass_limits is None:
             return []
         largest = self.largest_pass or self.max_tokens_per_micro_batch or max(self.pass_limits)
-        steps, last = [], -1
+        steps, last = [], 0  # a number of layers with which no pass fits is left out
         for c, limit in enumerate(self.pass_limits):
             if limit > last:
                 steps.append([min(limit, largest), c])
@@ -329,6 +329,12 @@ def adopt(plan: TrainPlan | EvalPlan, source: str, configured: float | None, dev
     said = f"memory budget {plan.budget_gib:.1f} GiB ({source}), estimated peak {plan.estimate_gib:.1f} GiB"
     if plan.changed:
         stage_log.info("%s with %s: the settings as given would not fit", said, ", ".join(plan.changed))
+        if isinstance(plan, TrainPlan) and plan.pass_limits is not None:
+            steps = plan.checkpointing_steps()
+            (first_tokens, first_layers), (last_tokens, last_layers) = steps[0], steps[-1]
+            stage_log.info("checkpointing per pass: %d of %d decoder layers for passes of up to %s tokens, ..., "
+                           "%d for the largest (%s tokens); train_run.json lists every step", first_layers,
+                           len(plan.pass_limits) - 1, f"{first_tokens:,}", last_layers, f"{last_tokens:,}")
     else:
         stage_log.info("%s: the settings fit as given", said)
     if configured is not None or plan.changed:

@@ -269,6 +269,9 @@ def test_train_stage_under_a_budget_checkpoints_each_pass_as_it_needs(tmp_path):
     assert steps[-1] == [lengths[-1], s.layers // 2]  # the longest example fits with half the layers checkpointed
     assert 0 < facts["checkpointed_layers_per_pass"] < s.layers // 2 + 1 and facts["micro_batches"] == 6
     assert "decoder layers on average over 6 passes" in logged and "per pass, of the layers" in logged
+    first_tokens, first_layers = steps[0]
+    assert (f"checkpointing per pass: {first_layers} of {s.layers} decoder layers for passes of up to "
+            f"{first_tokens:,} tokens, ..., {s.layers // 2} for the largest ({lengths[-1]:,} tokens)") in logged
 
 
 def test_a_plan_that_changes_settings_or_holds_a_budget_asks_for_expandable_segments(monkeypatch):
