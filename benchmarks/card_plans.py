@@ -22,6 +22,7 @@ LONGEST_PROMPT = 512  # test prompts as long as the longest training example (be
 
 
 def shape(name: str) -> Shape:
+    """What the estimates read of a Llama 3 shape (a key of SHAPES), through a transformers config as a stage would."""
     from transformers import LlamaConfig
 
     s = SHAPES[name]

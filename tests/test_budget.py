@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from benchmarks.llama_shaped import SHAPES
+from benchmarks.card_plans import shape  # the Llama 3 shapes as the estimates read them
 from conftest import TINY_MODEL
 from stages import budget, evaluate, train
 from stages.budget import GIB, Shape, plan_generation, plan_training, training_bytes
@@ -22,16 +22,6 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 SAMSUM_LOSS_FRACTION = 0.155  # summary tokens of a SAMSum-length example through the Llama 3 template
 # SAMSum through the Llama 3 template, 16 sequences per step: an average step, and the most a step can hold.
 MEAN_STEP, LARGEST_STEP, LONGEST = 16 * 296, 16 * 512, 512
-
-
-def shape(name: str) -> Shape:
-    from transformers import LlamaConfig
-
-    s = SHAPES[name]
-    return Shape.from_config(LlamaConfig(
-        vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
-        num_key_value_heads=s.num_key_value_heads, head_dim=s.head_dim, tie_word_embeddings=s.tie_word_embeddings))
 
 
 def test_shape_counts_the_hub_models_weights():
