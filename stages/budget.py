@@ -246,9 +246,10 @@ def plan_training(shape: Shape, training: TrainingParams, budget_gib: float, *, 
             continue
         new_cap = cap if largest_pass <= fits else fits
         heaviest = min(new_cap or largest_pass, largest_pass)
-        # The peak: each number of checkpointed layers used, at the largest pass it is used for.
+        # The peak: each number of checkpointed layers a pass may use, at the largest pass it is used for.
+        most = min(c for c, limit in limits.items() if limit >= heaviest)  # what the heaviest pass uses
         estimate = max(_gib(fixed + min(limit, heaviest) * activation_bytes_per_token(shape, element, c, loss_fraction))
-                       for c, limit in limits.items() if c <= min(c for c in limits if limits[c] >= heaviest))
+                       for c, limit in limits.items() if c <= most)
         changed = []
         if unpacked != (use_4bit and training.dequantize):
             changed.append("training.dequantize=false (the 4-bit base)")
