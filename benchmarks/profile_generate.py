@@ -77,15 +77,11 @@ def profile_batch(model, ids, mask, config) -> dict[str, Any]:
     key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(events.table(sort_by=key, row_limit=15, max_name_column_width=70))
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
-    top = sorted(events, key=lambda e: -getattr(e, key))[:15]
-    # The kernels' own rows only: an operator's row repeats the device time of the kernels it launched.
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.self_device_time_total for e in kernels) / 1e6 if torch.cuda.is_available() else None
+    busy = report.gpu_busy_s(events)
     return {
         "wall_s": round(wall, 3),
         "gpu_busy_s": round(busy, 3) if busy is not None else None,
-        "top_ops": [{"name": e.key, "count": e.count, "self_device_ms": round(e.self_device_time_total / 1e3, 2),
-                     "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)} for e in top],
+        "top_ops": report.top_ops(events, key),
     }
 
 

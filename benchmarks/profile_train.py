@@ -42,12 +42,6 @@ class ProfilerStep(TrainerCallback):
         self.profiler.step()
 
 
-def top_rows(events, key: str, rows: int = 15) -> list[dict[str, Any]]:
-    top = sorted(events, key=lambda e: -getattr(e, key))[:rows]
-    return [{"name": e.key, "count": e.count, "self_device_ms": round(e.self_device_time_total / 1e3, 2),
-             "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)} for e in top]
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
@@ -65,8 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         bench = Bench(model_dir, examples_for(tokenizer, steps * SEQUENCES_PER_STEP), steps, 0, Path(scratch),
                       overrides)
-        meter = ThroughputMeter(tokenizer.pad_token_id, warmup=0)
-        trainer = project_trainer(bench, meter)
+        trainer = project_trainer(bench, ThroughputMeter(tokenizer.pad_token_id, warmup=0))
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -81,10 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(events.table(sort_by=device_key, row_limit=15, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
-    busy = None
-    if torch.cuda.is_available():
-        # The kernels' own rows only: an operator's row repeats the device time of the kernels it launched.
-        busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    busy = report.gpu_busy_s(events)
+    if busy is not None:
         print(f"GPU busy {busy / ACTIVE:.3f} s per optimizer step (profiled steps); whole run {wall:.1f} s for "
               f"{steps} steps ({wall / steps:.3f} s per step, profiler overhead included)")
     out = report.header("profile-train", {
@@ -95,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": round(wall, 3), "wall_s_per_step": round(wall / steps, 4),
         "gpu_busy_s_per_profiled_step": round(busy / ACTIVE, 4) if busy is not None else None,
         "peak_memory_gib": round(report.peak_memory_gib(), 3),
-        "top_device_ops": top_rows(events, device_key), "top_cpu_ops": top_rows(events, "self_cpu_time_total"),
+        "top_device_ops": report.top_ops(events, device_key),
+        "top_cpu_ops": report.top_ops(events, "self_cpu_time_total"),
     }
     label = report.file_label(args.shape.lower() if args.shape != "1B" and not args.tiny else None, args.label)
     path = report.write_results(out, args.out, args.tiny, label)

@@ -78,6 +78,21 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def top_ops(events, key: str, rows: int = 15) -> list[dict[str, Any]]:
+    """The `rows` rows of a torch.profiler key_averages() with the most `key` (e.g. self_device_time_total)."""
+    top = sorted(events, key=lambda e: -getattr(e, key))[:rows]
+    return [{"name": e.key, "count": e.count, "self_device_ms": round(e.self_device_time_total / 1e3, 2),
+             "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)} for e in top]
+
+
+def gpu_busy_s(events) -> float | None:
+    """Seconds the GPU ran kernels in a torch.profiler key_averages(), from the kernels' own rows only (an
+    operator's row repeats the device time of the kernels it launched); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+
+
 def header(benchmark: str, config: dict[str, Any]) -> dict[str, Any]:
     now = datetime.now(timezone.utc)
     return {

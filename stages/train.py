@@ -37,7 +37,7 @@ from stages.checkpoints import (
     run_fingerprint,
     train_resuming,
 )
-from stages.compiling import compile_layers, decoder_layers
+from stages.compiling import compile_layers
 from stages.curves import curves_callback
 from stages.errors import PipelineError, run_stage
 from stages.files import atomic_dir, write_json
@@ -320,6 +320,9 @@ def train(params: Params) -> None:
         (tmp / "README.md").unlink(missing_ok=True)  # peft's empty card template; the card stage writes the card
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     micro_batches = sum(passes for _, passes, _ in per_process)
+    # Under a plan that checkpoints per pass: the decoder layers a pass checkpointed, on average.
+    checkpointed_mean = (sum(layers for *_, layers in per_process) / max(1, micro_batches)
+                         if trainer.layers_to_checkpoint else None)
     resumed_step = checkpoint_step(resume_from) if resume_from else 0
     # Short names: `dvc exp show` opens with these columns, and a terminal is 160 characters wide.
     write_json(
@@ -354,9 +357,7 @@ def train(params: Params) -> None:
             "max_tokens_per_micro_batch": params.training.max_tokens_per_micro_batch,
             "micro_batches": micro_batches,  # forward/backward passes, all processes
             "gradient_checkpointing": params.training.gradient_checkpointing,
-            # Under a plan that checkpoints per pass: the decoder layers a pass checkpointed, on average.
-            "checkpointed_layers_per_pass": round(sum(c for *_, c in per_process) / max(1, micro_batches), 2)
-            if trainer.layers_to_checkpoint else None,
+            "checkpointed_layers_per_pass": round(checkpointed_mean, 2) if checkpointed_mean is not None else None,
             "padding_free": params.training.padding_free,
             "attention": model.get_base_model().config._attn_implementation,
             "dequantized": params.quantization.use_4bit and params.training.dequantize,
@@ -365,9 +366,9 @@ def train(params: Params) -> None:
             "memory_plan": plan.describe() if plan else None,
         },
     )
-    if trainer.layers_to_checkpoint:
+    if checkpointed_mean is not None:
         log.info("activation checkpointing per pass: %.1f of %d decoder layers on average over %d passes",
-                 sum(c for *_, c in per_process) / max(1, micro_batches), len(decoder_layers(model)), micro_batches)
+                 checkpointed_mean, len(plan.pass_limits) - 1, micro_batches)
     log.info("adapter saved to %s", ADAPTER)
 
 
