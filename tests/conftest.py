@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import stages  # noqa: F401  (first: keeps hub kernels out of the test process, see stages/__init__.py)
 from offline.project import dvc_env, git, make_project, run_dvc  # noqa: F401  (the tests' project copy)
 
 ROOT = Path(__file__).resolve().parents[1]

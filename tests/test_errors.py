@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import subprocess
 import sys
 import warnings
 
 import pytest
 
+from conftest import ROOT, TINY_MODEL
 from stages import errors
 from stages.errors import PipelineError, run_stage
 
@@ -43,3 +45,25 @@ def test_importing_the_stages_silences_bitsandbytes_note_about_hub_kernels():
     code = "import stages, logging; print(logging.getLogger('bitsandbytes.backends.cpu.ops').level)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(logging.ERROR)
+
+
+def test_no_hub_kernel_is_fetched_or_loaded(tmp_path):
+    """A stand-in `kernels` package that records any use: loading a 4-bit model and a LoRA through the stages'
+    code never touches it (bitsandbytes would on CPUs with AVX-512 BF16, transformers >= 5.25 on every load)."""
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    used = tmp_path / "used"
+    (fake / "__init__.py").write_text(
+        f"import pathlib\npathlib.Path({str(used)!r}).write_text('imported')\n"
+        "def __getattr__(name):\n    raise AttributeError(name)\n")
+    code = ("import stages.modeling as m, peft\n"
+            "from stages.params import ModelParams, QuantizationParams\n"
+            f"model = m.load_base_model(ModelParams(base_model={str(TINY_MODEL)!r}, tokenizer_type=None),\n"
+            "    QuantizationParams(), m.choose_device(QuantizationParams(), 'adamw_torch'))\n"
+            "print(type(model).__name__)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "LlamaForCausalLM"
+    assert not used.exists()
+    assert "kernels-community" not in proc.stderr
