@@ -12,7 +12,7 @@ the Llama-3.2-1B-shaped model and reports torch's own compile counters: seconds 
 generation), graphs compiled, cache hits and misses; and the warm-up seconds, which include compiling.
 
 Variants:
-- default: stages/compiling.py as the train stage runs it (rank compiled as a symbol, no CPU vector-ISA test
+- default: samsum_qlora/model/compiling.py as the train stage runs it (rank compiled as a symbol, no CPU vector-ISA test
   builds, compile workers started while the Trainer is built);
 - static-rank: the rank compiled as a constant, as torch does by default (each new rank is a new graph);
 - late-workers: as default, but compile workers left to start at the first compile;
@@ -57,7 +57,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     from benchmarks.bench_train import Bench, measure
     from benchmarks.lengths import examples_for
-    from stages import compiling
+    from samsum_qlora.model import compiling
 
     if spec["variant"] == "static-rank":
         compiling.compile_rank_as_symbol = lambda layers: None

@@ -11,7 +11,7 @@ each synthetic example, ~181 tokens on average).
   prompts, evenly spread over the sorted lengths, are timed (after one untimed warm-up prompt); the time for
   all prompts is their mean times the number of prompts, and the output says so.
 - project: stages.evaluate.generate with params.yaml's eval.batch_size (length-sorted, left-padded batches),
-  timed from loading the model (stages.modeling.load_base_model) to the last summary: the performance target
+  timed from loading the model (samsum_qlora.model.loading.load_base_model) to the last summary: the performance target
   is at most 30 s of wall time per model for the 819 test dialogues, model load included.
 
 A random model emits its end-of-turn token at random, so both setups stop only on an id outside the
@@ -36,9 +36,9 @@ from transformers import AutoConfig, GenerationConfig
 from benchmarks import report
 from benchmarks.lengths import examples_for, prompts_of
 from benchmarks.llama_shaped import SHAPES, benchmark_model
+from samsum_qlora.model.loading import choose_device, load_tokenizer
+from samsum_qlora.params import Params, parse_params
 from stages.evaluate import generate, load_for_generation, plan_memory
-from stages.modeling import choose_device, load_tokenizer
-from stages.params import Params, parse_params
 
 log = logging.getLogger(__name__)
 

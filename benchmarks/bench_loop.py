@@ -50,7 +50,7 @@ from benchmarks.llama_shaped import LLAMA_3_2_1B, TINY, benchmark_model
 from benchmarks.samsum_size import SAMSUM_SIZES, dataset_stats, write_dataset
 from offline.project import dvc_env, git, make_project, run_dvc
 from offline.run import merge
-from stages.params import parse_params
+from samsum_qlora.params import parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

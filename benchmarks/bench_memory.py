@@ -30,8 +30,8 @@ from benchmarks import report
 from benchmarks.lengths import examples_for
 from benchmarks.llama_shaped import benchmark_model
 from offline.run import merge
-from stages.modeling import choose_device, load_base_model, load_tokenizer
-from stages.params import PARAMS_FILE, parse_params
+from samsum_qlora.model.loading import choose_device, load_base_model, load_tokenizer
+from samsum_qlora.params import PARAMS_FILE, parse_params
 from stages.train import add_lora, build_trainer, enable_checkpointing
 
 log = logging.getLogger("benchmarks.bench_memory")

@@ -5,8 +5,9 @@
 
 Each run trains bench_train's `project` setup (the Trainer stages.train builds, with params.yaml's values, on the
 random Llama-3.2-1B-shaped model and synthetic SAMSum-length examples) for warm-up + timed optimizer steps on N
-data-parallel processes, started as the train stage starts them with training.num_processes = N (stages.launch:
-accelerate's launcher, one process per GPU, gloo processes without CUDA); N = 1 runs as one process of its own.
+data-parallel processes, started as the train stage starts them with training.num_processes = N
+(samsum_qlora.distributed: accelerate's launcher, one process per GPU, gloo processes without CUDA); N = 1 runs
+as one process of its own.
 Every run starts fresh processes, so each peak is its own. A step's batch (training.per_device_train_batch_size)
 is split evenly between the processes:
 
@@ -47,7 +48,7 @@ from benchmarks.bench_train import SEQUENCES_PER_STEP, Bench, compute_dtype, mea
 from benchmarks.lengths import describe, examples_for
 from benchmarks.llama_shaped import LLAMA_3_2_1B, TINY, benchmark_model
 from offline.run import merge
-from stages import launch
+from samsum_qlora import distributed
 
 log = logging.getLogger("benchmarks.bench_scaling")
 
@@ -139,7 +140,7 @@ def start(run: Run, config: Path) -> None:
     run.save(config)
     with importable_here():
         if run.processes > 1:
-            launch.launch(MODULE, ["--worker", str(config)], run.processes, f"scaling run {run.name}")
+            distributed.launch(MODULE, ["--worker", str(config)], run.processes, f"scaling run {run.name}")
             return
         code = subprocess.run([sys.executable, "-m", MODULE, "--worker", str(config)], check=False).returncode
     if code:
@@ -165,16 +166,16 @@ def work(config: Path) -> dict[str, Any] | None:
     """One process's share of a run: train, then gather every process's numbers; the main process combines them,
     writes them to run.result and returns them (the others return None)."""
     run = Run.load(config)
-    launch.quiet_replicas()
+    distributed.quiet_replicas()
     if torch.cuda.is_available():  # before anything touches CUDA: this process's GPU, not GPU 0
-        torch.cuda.set_device(launch.local_rank())
+        torch.cuda.set_device(distributed.local_rank())
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir, trust_remote_code=False)
     examples = examples_for(tokenizer, run.num_examples, seed=0)
     bench = Bench(Path(run.model_dir), examples, run.steps, run.warmup, Path(run.scratch), run.overrides)
     share = measure("project", bench, tokenizer.pad_token_id)
     share["threads"] = torch.get_num_threads()
-    shares = launch.gather([share])
-    if not launch.is_main():
+    shares = distributed.gather([share])
+    if not distributed.is_main():
         return None
     result = combine(run, shares)
     Path(run.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -253,7 +254,7 @@ def run(
             "sequences_per_step": {mode: f"{SEQUENCES} in total" if mode == "strong" else f"{SEQUENCES} x processes"
                                    for mode in modes},
             "batches": "each step's batch is split evenly between the processes (accelerate split_batches)",
-            "launcher": "accelerate launch through stages.launch (N > 1); one process of its own (N = 1)",
+            "launcher": "accelerate launch through samsum_qlora.distributed (N > 1); one process of its own (N = 1)",
             "tiny": tiny,
             "model_shape": asdict(TINY if tiny else LLAMA_3_2_1B),
             "compute_dtype": str(compute_dtype()).removeprefix("torch."),
@@ -279,7 +280,7 @@ def run(
                 try:
                     results.append(measure_run(job, Path(f"{stem}-run.json")))
                 except Exception as err:  # one failed run must not cost the numbers of the others
-                    if not isinstance(err, launch.WorkerFailed):  # whose workers have printed their own errors
+                    if not isinstance(err, distributed.WorkerFailed):  # whose workers have printed their own errors
                         traceback.print_exc()
                     failed.append({"mode": mode, "processes": n, "error": f"{type(err).__name__}: {err}"[:1000]})
     add_speedups(results)

@@ -46,7 +46,7 @@ from benchmarks import report
 from benchmarks.lengths import IGNORE_INDEX, describe, examples_for
 from benchmarks.llama_shaped import SHAPES, TINY, benchmark_model
 from offline.run import merge
-from stages.params import Params, parse_params
+from samsum_qlora.params import Params, parse_params
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +261,8 @@ def project_params(bench: Bench) -> Params:
 def project_trainer(bench: Bench, meter: ThroughputMeter) -> Trainer:
     """(c) This project's train stage: the Trainer exactly as stages.train.main builds it."""
     # Imported here: a dependency only the train stage has (dvclive) then fails this setup, not the others.
+    from samsum_qlora.model.loading import choose_device, load_base_model, load_tokenizer
     from stages import train
-    from stages.modeling import choose_device, load_base_model, load_tokenizer
 
     params = project_params(bench)
     policy = choose_device(params.quantization, params.training.optim)

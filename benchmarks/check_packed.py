@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.lengths import examples_for
 from benchmarks.llama_shaped import benchmark_model
-from stages import attention
-from stages.batching import FlatCollator, PadCollator
-from stages.objective import summary_loss
-from stages.prompt import IGNORE_INDEX
+from samsum_qlora.data.prompt import IGNORE_INDEX
+from samsum_qlora.model import attention
+from samsum_qlora.training.batching import FlatCollator, PadCollator
+from samsum_qlora.training.objective import summary_loss
 
 SLACK = 2.0  # how much further from the float32 reference than the padded bf16 path the packed path may be
 FLOOR = 1e-4

@@ -36,8 +36,8 @@ from benchmarks import report
 from benchmarks.bench_eval import TEST_EXAMPLES, project_params
 from benchmarks.lengths import examples_for, prompts_of
 from benchmarks.llama_shaped import benchmark_model
+from samsum_qlora.model.loading import choose_device, load_tokenizer
 from stages.evaluate import GENERATION_ATTENTION, generate, left_padded, load_for_generation
-from stages.modeling import choose_device, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from stages.modeling import peak_memory_gib  # noqa: F401  (the benchmarks report memory as the stages do)
+from samsum_qlora.model.loading import peak_memory_gib  # noqa: F401  (the benchmarks report memory as the stages do)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from benchmarks.lengths import SAMSUM, length_summary, sample_lengths
 from offline.build_dataset import dumps_split, make_example
-from stages.prompt import summary_token_mask
+from samsum_qlora.data.prompt import summary_token_mask
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def dataset_stats(data_dir: str | Path) -> dict:
 
 def main() -> None:
     from benchmarks.llama_shaped import default_tokenizer_dir
-    from stages.params import PromptParams
+    from samsum_qlora.params import PromptParams
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)

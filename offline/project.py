@@ -12,8 +12,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a fresh clone holds that the pipeline needs (generated outputs are left behind).
-PROJECT_FILES = ["stages", "offline", "data/samples", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
-                 ".gitignore"]
+PROJECT_FILES = ["samsum_qlora", "stages", "offline", "data/samples", "dvc.yaml", "params.yaml", ".dvc/config",
+                 ".dvcignore", ".gitignore"]
 IDENTITY = {"GIT_AUTHOR_NAME": "samsum-qlora", "GIT_AUTHOR_EMAIL": "samsum-qlora@localhost",
             "GIT_COMMITTER_NAME": "samsum-qlora", "GIT_COMMITTER_EMAIL": "samsum-qlora@localhost"}
 

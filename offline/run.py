@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from stages.errors import PipelineError, run_stage
-from stages.params import PARAMS_FILE, parse_params
+from samsum_qlora.errors import PipelineError, run_stage
+from samsum_qlora.params import PARAMS_FILE, parse_params
 
 log = logging.getLogger("offline.run")
 

@@ -1,15 +1,4 @@
-"""The pipeline's stages (one module per DVC stage) and the small modules they share."""
+"""What a user runs: one module per DVC stage (`python -m stages.<name>`, as dvc.yaml calls it) and the commands
+beside the pipeline (summarize, export). The library they call is the samsum_qlora package."""
 
-import logging
-import os
-import sys
-
-# No code fetched from the hub runs here, compiled kernels included (the rule trust_remote_code=False sets for
-# model code). transformers >= 5.25 installs `kernels`, through which it would swap model layers for hub kernels
-# at every from_pretrained, and bitsandbytes (at import, on CPUs with AVX-512 BF16) would load a hub kernel for
-# its 4-bit matmul. Both then use their built-in kernels: transformers' switch is off, and `kernels` cannot be
-# imported in a process that imports the stages. This runs before any stage imports transformers or peft.
-os.environ["USE_HUB_KERNELS"] = "NO"
-sys.modules["kernels"] = None  # type: ignore[assignment]
-# bitsandbytes says once, at import, that the hub kernel is unavailable and its own is used: what is wanted.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+import samsum_qlora  # noqa: F401  (first, before any stage imports transformers: see samsum_qlora/__init__.py)

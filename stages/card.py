@@ -22,11 +22,11 @@ from typing import Any
 
 import yaml
 
+from samsum_qlora.errors import PipelineError, run_stage
+from samsum_qlora.evaluation.scoring import ROUGE_KEYS
+from samsum_qlora.files import atomic_file
+from samsum_qlora.params import Params, load_params
 from stages.compare import ROUGE_NAMES, compare_metrics, load_metrics, signed
-from stages.errors import PipelineError, run_stage
-from stages.files import atomic_file
-from stages.params import Params, load_params
-from stages.scoring import ROUGE_KEYS
 
 log = logging.getLogger(__name__)
 

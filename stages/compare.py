@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stages.curves import CURVES
-from stages.errors import PipelineError, run_stage
-from stages.files import atomic_dir, atomic_file, read_jsonl, write_json
-from stages.scoring import ROUGE_KEYS
+from samsum_qlora.errors import PipelineError, run_stage
+from samsum_qlora.evaluation.scoring import ROUGE_KEYS
+from samsum_qlora.files import atomic_dir, atomic_file, read_jsonl, write_json
+from samsum_qlora.training.curves import CURVES
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 
 The baseline is the untuned base model asked zero-shot with the same prompt; the adapter run loads
 models/adapter/ on top of the same base. Writes metrics/<which>.json and data/predictions/<which>.jsonl.
-With training.num_processes = N > 1 the generation runs in N processes (one per GPU, stages/launch.py), each
+With training.num_processes = N > 1 the generation runs in N processes (one per GPU, samsum_qlora/distributed.py), each
 taking whole batches of the one-process plan, so the predictions are the same bytes as one process writes.
 """
 
@@ -24,14 +24,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from stages import launch
-from stages.budget import Shape, adopt, budget_gib, plan_generation
-from stages.errors import PipelineError, run_stage
-from stages.files import read_jsonl, write_json, write_jsonl
-from stages.modeling import DevicePolicy, choose_device, load_base_model, load_config, load_tokenizer
-from stages.params import Params, load_params
-from stages.prompt import end_of_turn_ids, generation_prompt_ids
-from stages.scoring import ROUGE_KEYS, score_corpus
+from samsum_qlora import distributed
+from samsum_qlora.data.prompt import end_of_turn_ids, generation_prompt_ids
+from samsum_qlora.errors import PipelineError, run_stage
+from samsum_qlora.evaluation.scoring import ROUGE_KEYS, score_corpus
+from samsum_qlora.files import read_jsonl, write_json, write_jsonl
+from samsum_qlora.memory import Shape, adopt, budget_gib, plan_generation
+from samsum_qlora.model.loading import DevicePolicy, choose_device, load_base_model, load_config, load_tokenizer
+from samsum_qlora.params import Params, load_params
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def generate_batches(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id
     )
     results: dict[int, Generation] = {}
-    with (tqdm(total=sum(map(len, batches)), desc="generate", unit="ex", disable=not launch.is_main()) as bar,
+    with (tqdm(total=sum(map(len, batches)), desc="generate", unit="ex", disable=not distributed.is_main()) as bar,
           sdpa_kernel(GENERATION_ATTENTION)):
         for batch in batches:
             input_ids, attention_mask = left_padded([prompts[i] for i in batch], tokenizer.pad_token_id, device)
@@ -214,8 +214,8 @@ def evaluate(which: str, parts: str | None = None) -> None:
         raise PipelineError(f"{TEST} has no rows: re-run `dvc repro prepare`")
     if which == "adapter":
         check_adapter()
-    processes = launch.local_processes(params.training.num_processes)
-    if launch.in_worker():
+    processes = distributed.local_processes(params.training.num_processes)
+    if distributed.in_worker():
         if parts is None:
             raise PipelineError("a worker of several evaluation processes needs --parts (it is started by the stage)")
         generate_share(which, params, rows, Path(parts))
@@ -264,7 +264,7 @@ def model_and_prompts(params: Params, dialogues: list[str], adapter: str | None)
 
 def plan_memory(params: Params, policy: DevicePolicy, longest_prompt: int) -> Params:
     """The params with the generation settings that fit eval.max_memory_gib (else the GPU's memory); for an
-    explicit budget, torch's allocator held to it (stages/budget.py). The plan depends on the budget and the
+    explicit budget, torch's allocator held to it (samsum_qlora/memory.py). The plan depends on the budget and the
     longest prompt only, so every process of a several-process evaluation cuts the same batches."""
     budget, source = budget_gib(params.eval.max_memory_gib, policy.device)
     if budget is None:
@@ -290,24 +290,24 @@ def _adapter_of(which: str) -> str | None:
 
 def generate_share(which: str, params: Params, rows: list[dict], parts: Path) -> None:
     """One worker's share: its batches of the one-process plan, written to parts/<rank>.jsonl."""
-    launch.quiet_replicas()
+    distributed.quiet_replicas()
     model, tokenizer, prompts, stops, planned = model_and_prompts(params, [r["dialogue"] for r in rows],
                                                                   _adapter_of(which))
     mine = share_batches(plan_batches(prompts, planned.batch_size), prompts, params.eval.max_new_tokens,
-                         launch.rank(), launch.world_size())
+                         distributed.rank(), distributed.world_size())
     results = generate_batches(model, tokenizer, prompts, mine, params.eval.max_new_tokens, stops)
-    write_jsonl(parts / f"{launch.rank()}.jsonl",
+    write_jsonl(parts / f"{distributed.rank()}.jsonl",
                 ({"index": i, "text": g.text, "new_tokens": g.new_tokens, "stopped": g.stopped}
                  for i, g in sorted(results.items())))
 
 
 def generate_in_processes(which: str, processes: int, count: int) -> list[Generation]:
     """Generate in `processes` processes (one per GPU), each a share of the batches; their parts merged in order."""
-    launch.check_devices(processes)
+    distributed.check_devices(processes)
     folder = Path(PREDICTIONS.format(which=which)).parent
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{which}-parts-") as parts:
-        launch.launch("stages.evaluate", [which, "--parts", parts], processes, f"evaluation ({which})",
+        distributed.launch("stages.evaluate", [which, "--parts", parts], processes, f"evaluation ({which})",
                       this_machine=True)
         results: dict[int, Generation] = {}
         for part in sorted(Path(parts).glob("*.jsonl")):

@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stages.errors import PipelineError, run_stage
-from stages.files import write_json, write_jsonl
-from stages.params import DataParams, load_params
-from stages.sources import SPLITS, Table, load_source
+from samsum_qlora.data.sources import SPLITS, Table, load_source
+from samsum_qlora.errors import PipelineError, run_stage
+from samsum_qlora.files import write_json, write_jsonl
+from samsum_qlora.params import DataParams, load_params
 
 logger = logging.getLogger(__name__)
 

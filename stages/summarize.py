@@ -21,9 +21,9 @@ import logging
 import sys
 from pathlib import Path
 
-from stages.errors import PipelineError, run_stage
-from stages.files import write_jsonl
-from stages.params import Params, load_params
+from samsum_qlora.errors import PipelineError, run_stage
+from samsum_qlora.files import write_jsonl
+from samsum_qlora.params import Params, load_params
 
 log = logging.getLogger(__name__)
 

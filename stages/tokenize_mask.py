@@ -21,11 +21,11 @@ from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from stages.errors import PipelineError, run_stage
-from stages.files import atomic_dir, read_jsonl, write_json
-from stages.modeling import load_tokenizer
-from stages.params import PromptParams, load_params
-from stages.prompt import IGNORE_INDEX, build_examples
+from samsum_qlora.data.prompt import IGNORE_INDEX, build_examples
+from samsum_qlora.errors import PipelineError, run_stage
+from samsum_qlora.files import atomic_dir, read_jsonl, write_json
+from samsum_qlora.model.loading import load_tokenizer
+from samsum_qlora.params import PromptParams, load_params
 
 log = logging.getLogger(__name__)
 

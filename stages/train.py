@@ -5,8 +5,8 @@
 Reads data/tokenized/; writes models/adapter/ (LoRA adapter + tokenizer, loadable with
 `PeftModel.from_pretrained(base, "models/adapter")`), metrics/train.json and the training curves under
 metrics/curves/. Checkpoints go to models/checkpoints/; a later run with the same params and data resumes
-from the newest one (stages/checkpoints.py). Steps run in passes of at most training.max_tokens_per_micro_batch
-tokens (stages/microbatch.py); a run that still runs out of GPU memory stops with one line saying what to lower,
+from the newest one (training/checkpoints.py). Steps run in passes of at most training.max_tokens_per_micro_batch
+tokens (training/microbatch.py); a run that still runs out of GPU memory stops with one line saying what to lower,
 and resumes from its last checkpoint after that change.
 """
 
@@ -25,10 +25,23 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_pt_utils import AcceleratorConfig
 
-from stages import attention, launch
-from stages.batching import FlatCollator, PadCollator
-from stages.budget import Shape, TrainPlan, adopt, budget_gib, plan_training
-from stages.checkpoints import (
+from samsum_qlora import distributed
+from samsum_qlora.errors import PipelineError, run_stage
+from samsum_qlora.files import atomic_dir, write_json
+from samsum_qlora.memory import Shape, TrainPlan, adopt, budget_gib, plan_training
+from samsum_qlora.model import attention
+from samsum_qlora.model.compiling import compile_layers
+from samsum_qlora.model.loading import (
+    DevicePolicy,
+    choose_device,
+    load_base_model,
+    load_config,
+    load_tokenizer,
+    peak_memory_gib,
+)
+from samsum_qlora.params import Params, load_params
+from samsum_qlora.training.batching import FlatCollator, PadCollator
+from samsum_qlora.training.checkpoints import (
     CHECKPOINTS,
     checkpoint_step,
     checkpoint_to_resume,
@@ -37,21 +50,9 @@ from stages.checkpoints import (
     run_fingerprint,
     train_resuming,
 )
-from stages.compiling import compile_layers
-from stages.curves import curves_callback
-from stages.errors import PipelineError, run_stage
-from stages.files import atomic_dir, write_json
-from stages.microbatch import TokenCappedTrainer, out_of_memory_error
-from stages.modeling import (
-    DevicePolicy,
-    choose_device,
-    load_base_model,
-    load_config,
-    load_tokenizer,
-    peak_memory_gib,
-)
-from stages.objective import summary_loss
-from stages.params import Params, load_params
+from samsum_qlora.training.curves import curves_callback
+from samsum_qlora.training.microbatch import TokenCappedTrainer, out_of_memory_error
+from samsum_qlora.training.objective import summary_loss
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def add_lora(base: torch.nn.Module, params: Params, policy: DevicePolicy) -> tor
     if params.training.compile:
         if policy.device == "cuda":
             log.info("compiled %d decoder layers (the first steps are slower)",
-                     compile_layers(model, in_worker=launch.in_worker()))
+                     compile_layers(model, in_worker=distributed.in_worker()))
         else:
             log.info("training.compile applies on CUDA only: running eagerly on %s", policy.device)
     return model
@@ -179,7 +180,7 @@ def training_arguments(params: Params, policy: DevicePolicy, has_eval: bool) -> 
         dataloader_num_workers=0,
         use_cpu=policy.device == "cpu",
         save_only_model=False,
-        disable_tqdm=not launch.is_main(),
+        disable_tqdm=not distributed.is_main(),
     )
 
 
@@ -199,7 +200,7 @@ def build_trainer(
     decided per pass."""
     args = training_arguments(params, policy, has_eval=validation is not None)
     args.output_dir = output_dir
-    launch.one_gpu_per_process(args)
+    distributed.one_gpu_per_process(args)
     return TokenCappedTrainer(
         model=model,
         args=args,
@@ -229,7 +230,7 @@ def file_mb(path: str | Path) -> float:
 
 def plan_memory(params: Params, policy: DevicePolicy, train_data: Dataset) -> tuple[Params, TrainPlan | None]:
     """The params with the speed and memory switches that fit training.max_memory_gib (else the GPU's memory), the
-    plan, and, for an explicit budget, torch's allocator held to it (stages/budget.py)."""
+    plan, and, for an explicit budget, torch's allocator held to it (samsum_qlora/memory.py)."""
     t = params.training
     budget, source = budget_gib(t.max_memory_gib, policy.device)
     if budget is None:
@@ -253,22 +254,22 @@ def plan_memory(params: Params, policy: DevicePolicy, train_data: Dataset) -> tu
 def launch_workers(params: Params) -> None:
     """Train as training.num_processes data-parallel processes: the checkpoint folder is prepared here, once, and the
     workers (this module again, under accelerate's launcher) train from it."""
-    launch.check_training_processes(params.training)
+    distributed.check_training_processes(params.training)
     if not Path(TOKENIZED).is_dir():
         raise PipelineError(f"{TOKENIZED} not found: run `dvc repro tokenize_mask` first")
-    if launch.main_machine():  # the others share its folder (README, Several GPUs) and must not clear it
+    if distributed.main_machine():  # the others share its folder (README, Several GPUs) and must not clear it
         resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))
         if resume_from:
             log.info("resuming from %s", resume_from)
     try:
-        launch.launch("stages.train", [], params.training.num_processes, "training")
-    except launch.WorkerFailed as err:
+        distributed.launch("stages.train", [], params.training.num_processes, "training")
+    except distributed.WorkerFailed as err:
         raise PipelineError(f"{err}; {resume_advice()}") from None
 
 
 def main() -> None:
     params = load_params()
-    if params.training.num_processes > 1 and not launch.in_worker():
+    if params.training.num_processes > 1 and not distributed.in_worker():
         launch_workers(params)
     else:
         train(params)
@@ -276,7 +277,7 @@ def main() -> None:
 
 def train(params: Params) -> None:
     """The stage in this process: all of it, or this process's share when it is one of several workers."""
-    launch.quiet_replicas()
+    distributed.quiet_replicas()
     policy = choose_device(params.quantization, params.training.optim)
     log.info("device: %s", policy.reason)
     try:
@@ -293,10 +294,10 @@ def train(params: Params) -> None:
 
     fingerprint = run_fingerprint(params, TOKENIZED)
     # A worker reads the folder its launching process prepared.
-    resume_from = resumable_checkpoint(fingerprint) if launch.in_worker() else checkpoint_to_resume(fingerprint)
-    if resume_from and not launch.in_worker():  # else said by the launching process
+    resume_from = resumable_checkpoint(fingerprint) if distributed.in_worker() else checkpoint_to_resume(fingerprint)
+    if resume_from and not distributed.in_worker():  # else said by the launching process
         log.info("resuming from %s", resume_from)
-    callbacks = curves_callback(resume=bool(resume_from)) if launch.is_main() else []
+    callbacks = curves_callback(resume=bool(resume_from)) if distributed.is_main() else []
     has_eval = "validation" in data and len(data["validation"]) > 0
     trainer = build_trainer(params, policy, model, tokenizer, data["train"], data["validation"] if has_eval else None,
                             callbacks, plan=plan)
@@ -310,8 +311,8 @@ def train(params: Params) -> None:
     for callback in callbacks:
         callback.live.end()
     # Every process's peak and passes, gathered on all of them.
-    per_process = launch.gather([(round(peak_memory_gib(), 3), trainer.passes, trainer.checkpointed_layers)])
-    if not launch.is_main():
+    per_process = distributed.gather([(round(peak_memory_gib(), 3), trainer.passes, trainer.checkpointed_layers)])
+    if not distributed.is_main():
         return
 
     with atomic_dir(ADAPTER) as tmp:

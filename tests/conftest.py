@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import stages  # noqa: F401  (first: keeps hub kernels out of the test process, see stages/__init__.py)
+import samsum_qlora  # noqa: F401  (first: keeps hub kernels out of the test process, see samsum_qlora/__init__.py)
 from offline.project import dvc_env, git, make_project, run_dvc  # noqa: F401  (the tests' project copy)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +23,8 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from stages.modeling import load_tokenizer
-    from stages.params import ModelParams
+    from samsum_qlora.model.loading import load_tokenizer
+    from samsum_qlora.params import ModelParams
 
     return load_tokenizer(ModelParams(base_model=str(TINY_MODEL), tokenizer_type=None))
 

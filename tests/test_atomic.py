@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.files import atomic_dir, atomic_file, write_json, write_jsonl
+from samsum_qlora.files import atomic_dir, atomic_file, write_json, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

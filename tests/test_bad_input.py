@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from conftest import TINY_MODEL, offline_params
-from stages.errors import PipelineError
+from samsum_qlora.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -273,8 +273,8 @@ def test_tokenizer_without_chat_template(tmp_path):
 
 
 def test_damaged_local_model_weights_ask_for_a_complete_folder(tmp_path):
-    from stages.modeling import choose_device, load_base_model
-    from stages.params import ModelParams, QuantizationParams
+    from samsum_qlora.model.loading import choose_device, load_base_model
+    from samsum_qlora.params import ModelParams, QuantizationParams
 
     damaged = tmp_path / "model"
     shutil.copytree(TINY_MODEL, damaged)
@@ -332,8 +332,8 @@ def _tokenize(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _checkpoint_of_this_run(root: Path) -> Path:
     """models/checkpoints/ marked with the fingerprint of the project's params and data, so train resumes it."""
-    from stages.checkpoints import RUN_FINGERPRINT, run_fingerprint
-    from stages.params import load_params
+    from samsum_qlora.params import load_params
+    from samsum_qlora.training.checkpoints import RUN_FINGERPRINT, run_fingerprint
 
     folder = root / "models" / "checkpoints"
     (folder / "checkpoint-2").mkdir(parents=True)
@@ -378,7 +378,7 @@ def test_checkpoint_with_damaged_weights_says_how_to_start_clean(tmp_path, monke
 
 
 def test_damaged_checkpoint_marker_means_a_clean_start(tmp_path):
-    from stages.checkpoints import RUN_FINGERPRINT, checkpoint_to_resume
+    from samsum_qlora.training.checkpoints import RUN_FINGERPRINT, checkpoint_to_resume
 
     folder = tmp_path / "checkpoints"
     (folder / "checkpoint-4").mkdir(parents=True)
@@ -476,8 +476,8 @@ def test_uncached_hub_id_without_the_hub_fails_fast_in_one_line(tmp_path, stage,
 def test_model_loader_fails_fast_without_the_hub(monkeypatch, no_hub):
     from huggingface_hub import constants
 
-    from stages.modeling import choose_device, load_base_model, load_tokenizer
-    from stages.params import ModelParams, QuantizationParams
+    from samsum_qlora.model.loading import choose_device, load_base_model, load_tokenizer
+    from samsum_qlora.params import ModelParams, QuantizationParams
 
     changes, why = NO_HUB[no_hub]
     for name, value in changes.items():
@@ -552,7 +552,7 @@ def local_hub() -> Iterator[Any]:
 def test_hub_check_tells_an_answering_hub_from_a_failing_one(local_hub, monkeypatch):
     from huggingface_hub import constants
 
-    from stages import hub
+    from samsum_qlora import hub
 
     for name in NO_OFFLINE_MODE:
         monkeypatch.delenv(name, raising=False)
@@ -596,8 +596,8 @@ def test_unknown_id_on_a_reachable_hub_keeps_its_message(tmp_path, local_hub, st
 def test_cuda_only_settings_fall_back_on_cpu_with_a_reason(monkeypatch):
     import torch
 
-    from stages.modeling import choose_device
-    from stages.params import QuantizationParams
+    from samsum_qlora.model.loading import choose_device
+    from samsum_qlora.params import QuantizationParams
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     policy = choose_device(QuantizationParams(bnb_4bit_compute_dtype="bfloat16"), "paged_adamw_8bit")
@@ -632,8 +632,8 @@ def test_decoding_flags_budget_cuts_and_blank_outputs(tiny_tokenizer):
 
 
 def test_metrics_count_empty_and_cut_predictions_and_score_empty_as_zero():
+    from samsum_qlora.evaluation.scoring import ROUGE_KEYS
     from stages.evaluate import Generation, summarize_generations
-    from stages.scoring import ROUGE_KEYS
 
     generations = [
         Generation("Anna will call Tom tonight.", 6, True),

@@ -1,7 +1,7 @@
 import torch
 
-from stages.batching import PadCollator
-from stages.prompt import IGNORE_INDEX
+from samsum_qlora.data.prompt import IGNORE_INDEX
+from samsum_qlora.training.batching import PadCollator
 
 
 def test_pads_inputs_with_pad_id_and_labels_with_ignore_index():

@@ -27,7 +27,7 @@ from benchmarks.lengths import IGNORE_INDEX, SAMSUM, examples_for, ordinary_toke
 from benchmarks.llama_shaped import SHAPES, build_llama_1b_shaped, default_tokenizer_dir
 from benchmarks.samsum_size import build_splits, template_lengths
 from conftest import TINY_MODEL
-from stages.params import PromptParams
+from samsum_qlora.params import PromptParams
 
 HEADER_KEYS = {"benchmark", "date", "device", "gpus", "versions", "peak_memory", "source", "config", "results"}
 

@@ -1,4 +1,4 @@
-"""The memory budget (stages/budget.py): estimates against peaks measured on a GPU, the plans it picks, its errors,
+"""The memory budget (samsum_qlora.memory): estimates against peaks measured on a GPU, the plans it picks, its errors,
 and the train and evaluate stages applying it."""
 
 import json
@@ -12,11 +12,12 @@ from datasets import Dataset
 
 from benchmarks.card_plans import shape  # the Llama 3 shapes as the estimates read them
 from conftest import TINY_MODEL
-from stages import budget, evaluate, train
-from stages.budget import GIB, Shape, plan_generation, plan_training, training_bytes
-from stages.errors import PipelineError
-from stages.modeling import DevicePolicy
-from stages.params import EvalParams, Params, TrainingParams
+from samsum_qlora import memory as budget
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.memory import GIB, Shape, plan_generation, plan_training, training_bytes
+from samsum_qlora.model.loading import DevicePolicy
+from samsum_qlora.params import EvalParams, Params, TrainingParams
+from stages import evaluate, train
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 SAMSUM_LOSS_FRACTION = 0.155  # summary tokens of a SAMSum-length example through the Llama 3 template

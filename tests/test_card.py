@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.params import parse_params
 from stages import card
-from stages.errors import PipelineError
-from stages.params import parse_params
 
 PARAMS = {
     "seed": 7,
@@ -143,7 +143,7 @@ def test_text_gives_the_runs_figures(project):
 
 
 def test_usage_code_prompts_as_the_pipeline_does(project):
-    from stages.prompt import user_content
+    from samsum_qlora.data.prompt import user_content
 
     card.main()
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from samsum_qlora.errors import PipelineError
 from stages import compare
 from stages.compare import compare_metrics, pick_examples, render_report, rouge_plot_rows
-from stages.errors import PipelineError
 
 BASELINE = {
     "rouge1": 0.25,

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_MODEL
-from stages.compiling import compile_rank_as_symbol, decoder_layers, rank_dims
+from samsum_qlora.model.compiling import compile_rank_as_symbol, decoder_layers, rank_dims
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_the_cpu_isa_probe_builds_nothing_unless_the_user_decided(monkeypatch):
     import torch._inductor.config as inductor_config
     from torch._inductor import cpu_vec_isa
 
-    from stages.compiling import skip_cpu_isa_probe
+    from samsum_qlora.model.compiling import skip_cpu_isa_probe
 
     def forget_answers():  # each ISA caches its answer per process (functools.cache on __bool__)
         for isa in candidates:

@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import dvc_env, make_project, offline_params, run_dvc
-from stages.checkpoints import last_checkpoint, resume_advice
+from samsum_qlora.training.checkpoints import last_checkpoint, resume_advice
 
 pytestmark = pytest.mark.slow
 
@@ -198,25 +198,25 @@ def test_bad_process_counts_are_named_with_the_fix(monkeypatch):
 
     import torch
 
-    from stages import launch
-    from stages.errors import PipelineError
-    from stages.params import parse_params
+    from samsum_qlora import distributed
+    from samsum_qlora.errors import PipelineError
+    from samsum_qlora.params import parse_params
 
     with pytest.raises(PipelineError, match=r"params.yaml: training.num_processes is 0; expected an integer > 0"):
         parse_params({"training": {"num_processes": 0}})
     params = parse_params({"training": {"num_processes": 3}})
     with pytest.raises(PipelineError) as err:
-        launch.check_training_processes(params.training)
+        distributed.check_training_processes(params.training)
     assert str(err.value) == (
         "params.yaml: training.per_device_train_batch_size (16) must divide by training.num_processes (3): each "
         "batch is split evenly between the processes; set it to a multiple of 3")
-    launch.check_training_processes(replace(params.training, per_device_train_batch_size=15))
+    distributed.check_training_processes(replace(params.training, per_device_train_batch_size=15))
     # One process per GPU: a machine with one GPU cannot run two (no accelerate config spreads them over machines).
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(launch, "accelerate_config_file", lambda: None)
+    monkeypatch.setattr(distributed, "accelerate_config_file", lambda: None)
     with pytest.raises(PipelineError) as err:
-        launch.check_training_processes(parse_params({"training": {"num_processes": 2}}).training)
+        distributed.check_training_processes(parse_params({"training": {"num_processes": 2}}).training)
     assert str(err.value) == ("params.yaml: training.num_processes is 2 but this machine has 1 GPU; set it to at "
                               "most 1 (`dvc exp run -S training.num_processes=1`)")
 
@@ -224,12 +224,12 @@ def test_bad_process_counts_are_named_with_the_fix(monkeypatch):
 def test_evaluation_stays_on_this_machine_when_training_spans_several(monkeypatch):
     import torch
 
-    from stages import launch
+    from samsum_qlora import distributed
 
-    monkeypatch.setattr(launch, "machines", lambda: 1)
-    assert launch.local_processes(4) == 4
-    monkeypatch.setattr(launch, "machines", lambda: 2)  # accelerate's config spreads training over two machines
+    monkeypatch.setattr(distributed, "machines", lambda: 1)
+    assert distributed.local_processes(4) == 4
+    monkeypatch.setattr(distributed, "machines", lambda: 2)  # accelerate's config spreads training over two machines
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert launch.local_processes(4) == 2 and launch.local_processes(1) == 1
+    assert distributed.local_processes(4) == 2 and distributed.local_processes(1) == 1
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert launch.local_processes(4) == 1
+    assert distributed.local_processes(4) == 1

@@ -12,8 +12,8 @@ import warnings
 import pytest
 
 from conftest import ROOT, TINY_MODEL
-from stages import errors
-from stages.errors import PipelineError, run_stage
+from samsum_qlora import errors
+from samsum_qlora.errors import PipelineError, run_stage
 
 
 def test_a_pipeline_error_is_one_line_on_stderr_and_exit_code_1(capsys):
@@ -56,8 +56,8 @@ def test_no_hub_kernel_is_fetched_or_loaded(tmp_path):
     (fake / "__init__.py").write_text(
         f"import pathlib\npathlib.Path({str(used)!r}).write_text('imported')\n"
         "def __getattr__(name):\n    raise AttributeError(name)\n")
-    code = ("import stages.modeling as m, peft\n"
-            "from stages.params import ModelParams, QuantizationParams\n"
+    code = ("import samsum_qlora.model.loading as m, peft\n"
+            "from samsum_qlora.params import ModelParams, QuantizationParams\n"
             f"model = m.load_base_model(ModelParams(base_model={str(TINY_MODEL)!r}, tokenizer_type=None),\n"
             "    QuantizationParams(), m.choose_device(QuantizationParams(), 'adamw_torch'))\n"
             "print(type(model).__name__)\n")

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL
+from samsum_qlora.data.prompt import generation_prompt_ids
 from stages.evaluate import _decode, generate, stop_token_ids
-from stages.prompt import generation_prompt_ids
 
 DATE = "26 Jul 2024"
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL, offline_params
-from stages.batching import FlatCollator, PadCollator, group_examples, split_batch
-from stages.errors import PipelineError
-from stages.microbatch import out_of_memory_error
-from stages.objective import loss_token_count
-from stages.params import parse_params
-from stages.prompt import IGNORE_INDEX, build_example
+from samsum_qlora.data.prompt import IGNORE_INDEX, build_example
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.params import parse_params
+from samsum_qlora.training.batching import FlatCollator, PadCollator, group_examples, split_batch
+from samsum_qlora.training.microbatch import out_of_memory_error
+from samsum_qlora.training.objective import loss_token_count
 
 COLLATORS = {"padded": PadCollator(pad_token_id=0), "padding-free": FlatCollator()}
 
@@ -95,7 +95,7 @@ def one_step_trainer(padding_free: bool, cap: int | None, dataset, tokenizer, tm
                      eval_batch: int = 8, plan=None):
     """The train stage's Trainer for one optimizer step of 8 sequences over a float32 base (no 4-bit kernels, which
     compute in bf16 on some CPUs) and no dropout, so the two runs compared draw nothing at random."""
-    from stages.modeling import choose_device, load_base_model
+    from samsum_qlora.model.loading import choose_device, load_base_model
     from stages.train import add_lora, build_trainer
 
     params = parse_params(offline_params(
@@ -151,8 +151,8 @@ def test_a_split_step_has_the_loss_gradients_and_update_of_one_pass(padding_free
 
 def test_checkpointing_per_pass_covers_the_layers_each_pass_needs_and_leaves_the_gradients(dataset, tiny_tokenizer,
                                                                                             tmp_path):
-    from stages.budget import TrainPlan
-    from stages.compiling import decoder_layers
+    from samsum_qlora.memory import TrainPlan
+    from samsum_qlora.model.compiling import decoder_layers
 
     whole = one_step_trainer(True, None, dataset, tiny_tokenizer, tmp_path)
     batch = whole.data_collator([dataset[i] for i in range(len(dataset))])
@@ -194,7 +194,7 @@ def test_the_validation_loss_is_the_mean_over_summary_tokens_however_it_is_batch
     """Validation passes hold whole examples up to the token cap (or per_device_eval_batch_size without one), are
     collated once and reused; the loss is the mean over every summary token of the split, computed by hand here
     one example at a time."""
-    from stages.objective import summary_loss
+    from samsum_qlora.training.objective import summary_loss
 
     trainer = one_step_trainer(padding_free, None, dataset, tiny_tokenizer, tmp_path)
     model = trainer.model.eval()

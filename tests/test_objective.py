@@ -11,10 +11,10 @@ import torch
 
 from benchmarks.check_packed import example_means
 from conftest import TINY_MODEL
-from stages import attention
-from stages.batching import FlatCollator, PadCollator
-from stages.objective import loss_positions, summary_loss
-from stages.prompt import IGNORE_INDEX, build_example
+from samsum_qlora.data.prompt import IGNORE_INDEX, build_example
+from samsum_qlora.model import attention
+from samsum_qlora.training.batching import FlatCollator, PadCollator
+from samsum_qlora.training.objective import loss_positions, summary_loss
 
 DATE = "26 Jul 2024"
 PAIRS = [

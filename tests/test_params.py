@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import PipelineError
-from stages.params import Params, load_params, parse_params
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.params import Params, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
+from samsum_qlora.data.sources import load_source
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.params import DataParams
 from stages import prepare
-from stages.errors import PipelineError
-from stages.params import DataParams
 from stages.prepare import (
     DROP_REASONS,
     MAX_DIALOGUE_CHARS,
@@ -25,7 +26,6 @@ from stages.prepare import (
     normalize_text,
     sample_rows,
 )
-from stages.sources import load_source
 
 REPO = Path(__file__).resolve().parents[1]
 COOKIES = {

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.errors import PipelineError
-from stages.scoring import ROUGE_KEYS, score_corpus, score_pair, split_sentences
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.evaluation.scoring import ROUGE_KEYS, score_corpus, score_pair, split_sentences
 
 
 def test_exact_match_scores_one_on_every_key():

@@ -71,10 +71,10 @@ def test_every_loader_is_called_without_remote_code(tmp_path, monkeypatch):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from samsum_qlora.data.sources import load_hub
+    from samsum_qlora.model.loading import choose_device, load_base_model, load_tokenizer
+    from samsum_qlora.params import ModelParams, QuantizationParams
     from stages.evaluate import load_adapter
-    from stages.modeling import choose_device, load_base_model, load_tokenizer
-    from stages.params import ModelParams, QuantizationParams
-    from stages.sources import load_hub
 
     adapter = tmp_path / "adapter"
     base = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
@@ -131,8 +131,8 @@ def model_with_custom_code(folder: Path, sentinel: Path) -> Path:
 
 
 def test_a_model_that_ships_its_own_code_is_loaded_without_running_it(tmp_path):
-    from stages.modeling import choose_device, load_base_model, load_tokenizer
-    from stages.params import ModelParams, QuantizationParams
+    from samsum_qlora.model.loading import choose_device, load_base_model, load_tokenizer
+    from samsum_qlora.params import ModelParams, QuantizationParams
 
     sentinel = tmp_path / "custom-code-ran"
     folder = model_with_custom_code(tmp_path / "model", sentinel)

@@ -3,9 +3,7 @@ import os
 
 import pytest
 
-from stages.errors import PipelineError
-from stages.params import PromptParams
-from stages.prompt import (
+from samsum_qlora.data.prompt import (
     IGNORE_INDEX,
     build_example,
     build_examples,
@@ -13,6 +11,8 @@ from stages.prompt import (
     generation_prompt_ids,
     has_generation_markers,
 )
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.params import PromptParams
 from stages.tokenize_mask import tokenize_split
 
 INSTRUCTION = "Summarize this dialogue."

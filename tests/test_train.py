@@ -9,9 +9,14 @@ import pytest
 import yaml
 
 from conftest import TINY_MODEL, offline_params
-from stages.checkpoints import RUN_FINGERPRINT, SPEED_AND_MEMORY_SWITCHES, checkpoint_to_resume, run_fingerprint
-from stages.errors import PipelineError
-from stages.params import parse_params
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.params import parse_params
+from samsum_qlora.training.checkpoints import (
+    RUN_FINGERPRINT,
+    SPEED_AND_MEMORY_SWITCHES,
+    checkpoint_to_resume,
+    run_fingerprint,
+)
 from stages.train import check_target_modules, checkpointing_on
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +155,8 @@ def test_out_of_memory_stops_with_one_line_and_a_lower_cap_resumes_the_run(tmp_p
     import torch
     from transformers import Trainer
 
-    from stages import errors, train
+    from samsum_qlora import errors
+    from stages import train
 
     params = tokenized_project(tmp_path, save_steps=2, max_tokens_per_micro_batch=1024)
     params["lora"]["lora_dropout"] = 0.0
@@ -215,7 +221,7 @@ def test_dequantized_base_computes_what_the_4bit_kernels_compute(tiny_tokenizer)
     """training.dequantize swaps bitsandbytes' 4-bit layers for plain ones holding the same unpacked values."""
     from bitsandbytes.nn import Linear4bit
 
-    from stages.modeling import choose_device, load_base_model
+    from samsum_qlora.model.loading import choose_device, load_base_model
     from stages.train import prepare_base
 
     batch = tiny_tokenizer(["Anna: Lunch at 1?\nTom: Sure, the Italian place."], return_tensors="pt")
@@ -236,7 +242,7 @@ def test_switches_set_attention_checkpointing_and_float32_frozen_layers():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.modeling import choose_device
+    from samsum_qlora.model.loading import choose_device
     from stages.train import prepare_base
 
     params = _training_params(padding_free=True, gradient_checkpointing=True, upcast_frozen=True)
@@ -261,8 +267,8 @@ def test_compile_is_skipped_on_cpu_and_said(caplog):
 
     from transformers import AutoModelForCausalLM
 
-    from stages.compiling import decoder_layers
-    from stages.modeling import choose_device
+    from samsum_qlora.model.compiling import decoder_layers
+    from samsum_qlora.model.loading import choose_device
     from stages.train import add_lora
 
     params = _training_params(compile=True)

@@ -46,10 +46,10 @@ def project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def evaluated(project) -> list[str]:
     """What evaluate_adapter's code path generates for DIALOGUES."""
+    from samsum_qlora.data.prompt import generation_prompt_ids
+    from samsum_qlora.model.loading import choose_device, load_tokenizer
+    from samsum_qlora.params import load_params
     from stages.evaluate import generate, load_for_generation, stop_token_ids
-    from stages.modeling import choose_device, load_tokenizer
-    from stages.params import load_params
-    from stages.prompt import generation_prompt_ids
 
     params = load_params(project / "params.yaml")
     policy = choose_device(params.quantization)
@@ -99,7 +99,7 @@ def test_summarize_many_keeps_ids_and_order(project, evaluated, monkeypatch, cap
     ("dict.json", '{"dialogue": "A: hi"}', "dict.json: expected a JSON list of dialogues"),
 ])
 def test_summarize_bad_input_is_named(project, monkeypatch, name, content, message):
-    from stages.errors import PipelineError
+    from samsum_qlora.errors import PipelineError
     from stages.summarize import read_dialogues
 
     monkeypatch.chdir(project)
@@ -114,11 +114,11 @@ def test_export_writes_a_plain_transformers_model_that_generates_what_was_evalua
                                                                                        monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    from samsum_qlora.data.prompt import generation_prompt_ids
+    from samsum_qlora.model.loading import load_tokenizer
+    from samsum_qlora.params import load_params
     from stages import export
     from stages.evaluate import generate, stop_token_ids
-    from stages.modeling import load_tokenizer
-    from stages.params import load_params
-    from stages.prompt import generation_prompt_ids
 
     monkeypatch.chdir(project)
     export.main(["--out", "merged32", "--dtype", "float32"])
@@ -144,8 +144,8 @@ def test_export_writes_a_plain_transformers_model_that_generates_what_was_evalua
 
 
 def test_export_refuses_to_overwrite_the_adapter(project, monkeypatch):
+    from samsum_qlora.errors import PipelineError
     from stages import export
-    from stages.errors import PipelineError
 
     monkeypatch.chdir(project)
     with pytest.raises(PipelineError, match="is the adapter folder"):

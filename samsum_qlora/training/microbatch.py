@@ -3,14 +3,14 @@ tokens, and the one-line message that says what to lower when CUDA runs out of m
 
 A pass's activation memory grows with its tokens, and SAMSum steps of 16 sequences range from ~2,000 to ~7,000
 tokens: a cap bounds the peak by the pass instead of by the longest step. The Trainer still draws the same
-sequences per optimizer step; a micro-batch over the cap is cut at example boundaries (stages.batching.split_batch)
-and each piece runs forward and backward on its own, its summed loss divided by the loss tokens of the whole step
-(the Trainer's num_items_in_batch, see stages.objective.summary_loss). The step's loss and gradients are therefore
+sequences per optimizer step; a micro-batch over the cap is cut at example boundaries (batching.split_batch) and
+each piece runs forward and backward on its own, its summed loss divided by the loss tokens of the whole step
+(the Trainer's num_items_in_batch, see objective.summary_loss). The step's loss and gradients are therefore
 those of one pass, up to float rounding; only the random draws of dropout differ, as they fall on other shapes.
 Each pass has a fixed cost on top of its tokens, so every extra pass costs time: the cap trades speed for memory
 (README, Performance: a 1B step cut into two passes ran at about half the tokens/s on an H200).
 
-Under a memory plan that checkpoints per pass (stages.budget.TrainPlan.layers_to_checkpoint), each pass turns
+Under a memory plan that checkpoints per pass (samsum_qlora.memory.TrainPlan.layers_to_checkpoint), each pass turns
 activation checkpointing on for as many of the first decoder layers as its tokens need, and off for the others.
 """
 
@@ -24,13 +24,13 @@ from collections.abc import Callable
 import torch
 from transformers import ProgressCallback, Trainer
 
-from stages.batching import split_batch
-from stages.checkpoints import CHECKPOINTS, resume_advice
-from stages.compiling import decoder_layers
-from stages.errors import PipelineError
-from stages.modeling import peak_memory_gib
-from stages.objective import loss_token_count, summary_loss
-from stages.params import TrainingParams
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.model.compiling import decoder_layers
+from samsum_qlora.model.loading import peak_memory_gib
+from samsum_qlora.params import TrainingParams
+from samsum_qlora.training.batching import split_batch
+from samsum_qlora.training.checkpoints import CHECKPOINTS, resume_advice
+from samsum_qlora.training.objective import loss_token_count, summary_loss
 
 
 class TokenCappedTrainer(Trainer):
@@ -115,7 +115,7 @@ class TokenCappedTrainer(Trainer):
             share = [dataset[i] for i in range(self.args.process_index, len(dataset), self.args.world_size)]
             if not share:
                 self._passes = []
-            elif self.max_tokens:  # cut at example boundaries as a training step is (stages.batching.split_batch)
+            elif self.max_tokens:  # cut at example boundaries, as a training step is (split_batch)
                 self._passes = split_batch(self.data_collator(share), self.max_tokens)
             else:
                 size = self.args.per_device_eval_batch_size
@@ -153,7 +153,7 @@ def out_of_memory_error(err: BaseException, trainer: TokenCappedTrainer, trainin
     wanted = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", str(err))
     if wanted:
         memory += f", {wanted.group(1)} more wanted"
-    if training.max_memory_gib is not None:  # the allocator was held to it (stages/budget.py)
+    if training.max_memory_gib is not None:  # the allocator was held to it (samsum_qlora/memory.py)
         memory += f", held to training.max_memory_gib={training.max_memory_gib:g}"
     if tokens is None and not trainer.model.training:
         where = f"computing the validation loss after step {step:,}"

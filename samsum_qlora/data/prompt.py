@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from stages.errors import PipelineError
+from samsum_qlora.errors import PipelineError
 
 IGNORE_INDEX = -100  # label value that the loss skips
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from nltk.stem import porter
 from rouge_score import rouge_scorer, tokenize, tokenizers
 
-from stages.errors import PipelineError
+from samsum_qlora.errors import PipelineError
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 

@@ -18,8 +18,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
-from stages.errors import PipelineError
-from stages.params import Params
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.params import Params
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from stages.errors import PipelineError
+from samsum_qlora.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from stages.errors import PipelineError
+from samsum_qlora.errors import PipelineError
 
 PARAMS_FILE = "params.yaml"
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.errors import PipelineError
+from samsum_qlora.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def load_hub(dataset_id: str, revision: str) -> dict[str, Table]:
     """Load train/validation/test of a hub dataset (never running remote code)."""
     import datasets
 
-    from stages import hub
+    from samsum_qlora import hub
 
     unavailable = hub.hub_unavailable(hub.DATASET_SWITCHES)
     try:

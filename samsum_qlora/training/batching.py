@@ -5,13 +5,13 @@ like DataCollatorForLanguageModeling, would silently train on the prompt too):
 - `PadCollator` right-pads to the longest example, with an attention mask;
 - `FlatCollator` (training.padding_free) lays the examples end to end in one row with position ids that
   restart at 0 for each, and their boundaries (`cu_seq_lens_*`, `max_length_*`: the keyword arguments
-  transformers hands to variable-length attention, see stages/attention.py). No token attends across
+  transformers hands to variable-length attention, see samsum_qlora/model/attention.py). No token attends across
   examples and no compute is spent on padding. Under plain SDPA, transformers builds a block-diagonal causal
   mask from the position ids instead.
-Both add `logits_to_keep` so the LM head runs only where the loss is (see stages/objective.py).
+Both add `logits_to_keep` so the LM head runs only where the loss is (see samsum_qlora/training/objective.py).
 
 `split_batch` cuts a collated batch of either layout, at example boundaries, into smaller batches of the same
-layout (training.max_tokens_per_micro_batch; see stages/microbatch.py).
+layout (training.max_tokens_per_micro_batch; see samsum_qlora/training/microbatch.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.objective import loss_positions
-from stages.prompt import IGNORE_INDEX
+from samsum_qlora.data.prompt import IGNORE_INDEX
+from samsum_qlora.training.objective import loss_positions
 
 
 def _check(features: list[dict]) -> None:

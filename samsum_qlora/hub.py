@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from stages.errors import PipelineError
+from samsum_qlora.errors import PipelineError
 
 PROBE_SECONDS = 3.0
 # The first of these that is set decides, as in huggingface_hub (models) and datasets (which reads its own first).

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.errors import PipelineError
+from samsum_qlora.errors import PipelineError
 
 
 def _remove_stale_temps(path: Path) -> None:

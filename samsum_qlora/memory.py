@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from stages.errors import PipelineError
-from stages.params import EvalParams, TrainingParams
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.params import EvalParams, TrainingParams
 
 log = logging.getLogger(__name__)
 

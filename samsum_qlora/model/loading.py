@@ -21,10 +21,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from stages import hub
-from stages.errors import PipelineError
-from stages.launch import local_rank
-from stages.params import ModelParams, QuantizationParams
+from samsum_qlora import hub
+from samsum_qlora.distributed import local_rank
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.params import ModelParams, QuantizationParams
 
 log = logging.getLogger(__name__)
 

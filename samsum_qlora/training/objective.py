@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stages.prompt import IGNORE_INDEX
+from samsum_qlora.data.prompt import IGNORE_INDEX
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:
