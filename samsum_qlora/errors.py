@@ -31,8 +31,17 @@ class PipelineError(Exception):
     """A problem the user can act on; the message names the file/row/param and the fix."""
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1."""
+def _end_progress_line() -> None:
+    """Start a fresh line if a progress bar was cut off mid-line (it redraws with carriage returns, no newline)."""
+    from tqdm import tqdm
+
+    if getattr(tqdm, "_instances", None):
+        print(file=sys.stderr)
+
+
+def run_stage(main: Callable[[], None], on_interrupt: Callable[[], str] | None = None) -> None:
+    """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1, and Ctrl-C into one
+    line (with `on_interrupt()`'s advice, when given) and exit code 130."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()
     try:
@@ -42,5 +51,8 @@ def run_stage(main: Callable[[], None]) -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("error: interrupted; outputs written so far are complete, the rest were not written", file=sys.stderr)
+        _end_progress_line()
+        advice = on_interrupt() if on_interrupt else "run the same command again to redo it"
+        print(f"error: interrupted; outputs written so far are complete, the rest were not written; {advice}",
+              file=sys.stderr)
         sys.exit(130)

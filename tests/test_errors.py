@@ -67,3 +67,19 @@ def test_no_hub_kernel_is_fetched_or_loaded(tmp_path):
     assert proc.stdout.strip() == "LlamaForCausalLM"
     assert not used.exists()
     assert "kernels-community" not in proc.stderr
+
+
+def test_ctrl_c_is_one_line_of_its_own_after_a_progress_bar_with_the_stage_s_advice(capsys):
+    from tqdm import tqdm
+
+    def main():
+        bar = tqdm(total=10, desc="train")  # cut off mid-line, as the Trainer's bar is by Ctrl-C
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(main, on_interrupt=lambda: "run the same command again to resume from checkpoint-20")
+    assert exit_.value.code == 130
+    last = capsys.readouterr().err.split("\n")[-2]
+    assert last == ("error: interrupted; outputs written so far are complete, the rest were not written; "
+                    "run the same command again to resume from checkpoint-20")

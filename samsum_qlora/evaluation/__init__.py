@@ -1,0 +1,1 @@
+"""Evaluation: ROUGE scoring of generated summaries."""
