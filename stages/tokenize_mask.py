@@ -21,6 +21,7 @@ from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from samsum_qlora import paths
 from samsum_qlora.data.prompt import IGNORE_INDEX, build_examples
 from samsum_qlora.errors import PipelineError, run_stage
 from samsum_qlora.files import atomic_dir, read_jsonl, write_json
@@ -29,9 +30,6 @@ from samsum_qlora.params import PromptParams, load_params
 
 log = logging.getLogger(__name__)
 
-PREPARED = "data/prepared/{split}.jsonl"
-TOKENIZED = "data/tokenized"
-METRICS = "metrics/tokens.json"
 SPLITS = ("train", "validation")
 CHUNK = 1024  # examples built together: the templates are rendered one by one, the texts encoded in one call
 MAX_WORKERS = 16
@@ -131,18 +129,18 @@ def main() -> None:
     tokenizer = load_tokenizer(params.model)
     splits, metrics = {}, {}
     for split in SPLITS:
-        rows = read_jsonl(PREPARED.format(split=split))
-        columns, metrics[split] = tokenize_split(tokenizer, rows, params.prompt, split)
+        prepared = paths.PREPARED_SPLIT.format(split=split)
+        columns, metrics[split] = tokenize_split(tokenizer, read_jsonl(prepared), params.prompt, split)
         if not columns["input_ids"]:
             raise PipelineError(
-                f"{PREPARED.format(split=split)}: no example fits prompt.max_length={params.prompt.max_length} "
+                f"{prepared}: no example fits prompt.max_length={params.prompt.max_length} "
                 "tokens even with the dialogue removed; raise prompt.max_length"
             )
         splits[split] = Dataset.from_dict(columns)
         log.info("%s: %s", split, metrics[split])
-    with atomic_dir(TOKENIZED) as tmp:
+    with atomic_dir(paths.TOKENIZED) as tmp:
         DatasetDict(splits).save_to_disk(str(tmp))
-    write_json(METRICS, metrics)
+    write_json(paths.TOKEN_METRICS, metrics)
 
 
 if __name__ == "__main__":

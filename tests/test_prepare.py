@@ -14,11 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from samsum_qlora.data.sources import load_source
-from samsum_qlora.errors import PipelineError
-from samsum_qlora.params import DataParams
-from stages import prepare
-from stages.prepare import (
+from samsum_qlora.data.cleaning import (
     DROP_REASONS,
     MAX_DIALOGUE_CHARS,
     derive_id,
@@ -26,6 +22,10 @@ from stages.prepare import (
     normalize_text,
     sample_rows,
 )
+from samsum_qlora.data.sources import load_source
+from samsum_qlora.errors import PipelineError
+from samsum_qlora.params import DataParams
+from stages import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 COOKIES = {
