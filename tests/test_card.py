@@ -228,6 +228,16 @@ def test_the_stage_reports_a_missing_file_in_one_line(project):
         "error: metrics/train_run.json not found: it is written by the `train` stage; run `dvc repro` first"]
 
 
+def test_compare_and_card_load_no_model_library():
+    """Neither stage loads a model: they start without torch, transformers or peft (and draw with matplotlib only
+    when they draw)."""
+    heavy = ("torch", "transformers", "peft", "matplotlib", "scipy")
+    code = f"import sys, stages.compare, stages.card; print([m for m in {heavy!r} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+
+    assert proc.stdout.strip() == "[]"
+
+
 def test_an_older_file_without_a_key_is_named(project):
     run = {key: value for key, value in FILES["metrics/train_run.json"].items() if key != "train_tokens"}
     (project / "metrics/train_run.json").write_text(json.dumps(run))
