@@ -10,9 +10,10 @@ each synthetic example, ~181 tokens on average).
 - one_at_a_time: `model.generate` on one prompt at a time, as the tutorial does. Only `--one-at-a-time`
   prompts, evenly spread over the sorted lengths, are timed (after one untimed warm-up prompt); the time for
   all prompts is their mean times the number of prompts, and the output says so.
-- project: stages.evaluate.generate with params.yaml's eval.batch_size (length-sorted, left-padded batches),
-  timed from loading the model (samsum_qlora.model.loading.load_base_model) to the last summary: the performance target
-  is at most 30 s of wall time per model for the 819 test dialogues, model load included.
+- project: samsum_qlora.evaluation.generation.generate with params.yaml's eval.batch_size (length-sorted,
+  left-padded batches), timed from loading the model (samsum_qlora.model.loading.load_base_model) to the last
+  summary: the performance target is at most 30 s of wall time per model for the 819 test dialogues, model load
+  included.
 
 A random model emits its end-of-turn token at random, so both setups stop only on an id outside the
 vocabulary, which is never produced: every prompt gets exactly max_new_tokens new tokens, the same work for
@@ -36,9 +37,10 @@ from transformers import AutoConfig, GenerationConfig
 from benchmarks import report
 from benchmarks.lengths import examples_for, prompts_of
 from benchmarks.llama_shaped import SHAPES, benchmark_model
+from samsum_qlora.evaluation.generation import generate, plan_memory
+from samsum_qlora.model.adapter import load_for_generation
 from samsum_qlora.model.loading import choose_device, load_tokenizer
 from samsum_qlora.params import Params, parse_params
-from stages.evaluate import generate, load_for_generation, plan_memory
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def project_params(model_dir: Path, batch_size: int | None) -> Params:
 def time_project(
     params: Params, prompts: list[list[int]], max_new_tokens: int, never: int, setup: str = "project"
 ) -> tuple[torch.nn.Module, dict[str, Any], list[str]]:
-    """Load the model as the evaluate stage does and generate every summary through stages.evaluate.generate."""
+    """Load the model as the evaluate stage does and generate every summary through generation.generate."""
     policy = choose_device(params.quantization)
     log.info("%s: %s", setup, policy.reason)
     report.reset_memory()

@@ -4,14 +4,15 @@
                                           [--tiny] [--out benchmarks/results] [--model-dir DIR] [--label L]
 
 On the random Llama-3.2-1B-shaped model (benchmarks/llama_shaped.py) loaded as the evaluate stage loads it
-(4-bit NF4 base unpacked to bf16, stages.evaluate.load_for_generation) and SAMSum-length prompts
+(4-bit NF4 base unpacked to bf16, samsum_qlora.model.adapter.load_for_generation) and SAMSum-length prompts
 (benchmarks/lengths.py), every prompt gets exactly --max-new-tokens tokens (the stop id is outside the
 vocabulary), so every setup does the same work:
 
-- for each batch size: stages.evaluate.generate over every prompt, timed twice: with one new token (the
-  prefill alone) and with --max-new-tokens; the difference over the decoding steps is the time of one step;
+- for each batch size: samsum_qlora.evaluation.generation.generate over every prompt, timed twice: with one new
+  token (the prefill alone) and with --max-new-tokens; the difference over the decoding steps is the time of one
+  step;
 - a torch.profiler trace of one batch of the first batch size, with the stage's attention kernels
-  (stages.evaluate.GENERATION_ATTENTION): the operators with the most GPU and CPU time,
+  (samsum_qlora.evaluation.generation.GENERATION_ATTENTION): the operators with the most GPU and CPU time,
   and how busy the GPU was (a GPU far less busy than the wall time means the host bounds the decoding);
 - with --static: transformers' static key/value cache (which compiles the decoding step), first call
   (compiling included) and second call on the same batch.
@@ -36,8 +37,9 @@ from benchmarks import report
 from benchmarks.bench_eval import TEST_EXAMPLES, project_params
 from benchmarks.lengths import examples_for, prompts_of
 from benchmarks.llama_shaped import benchmark_model
+from samsum_qlora.evaluation.generation import GENERATION_ATTENTION, generate, left_padded
+from samsum_qlora.model.adapter import load_for_generation
 from samsum_qlora.model.loading import choose_device, load_tokenizer
-from stages.evaluate import GENERATION_ATTENTION, generate, left_padded, load_for_generation
 
 log = logging.getLogger(__name__)
 

@@ -16,43 +16,29 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from samsum_qlora.errors import PipelineError, run_stage
-from samsum_qlora.evaluation.scoring import ROUGE_KEYS
+from samsum_qlora.evaluation.card import ADAPTER_CONFIG, SPLITS, render_card
+from samsum_qlora.evaluation.comparison import compare_metrics, load_metrics
 from samsum_qlora.files import atomic_file
-from samsum_qlora.params import Params, load_params
-from stages.compare import ROUGE_NAMES, compare_metrics, load_metrics, signed
+from samsum_qlora.params import load_params
+from samsum_qlora.paths import CARD, COMPARE_JSON, DATA_METRICS, EVAL_METRICS, TOKEN_METRICS, TRAIN_METRICS, TRAIN_RUN
 
 log = logging.getLogger(__name__)
 
-CARD = Path("models/card/README.md")
-ADAPTER = Path("models/adapter")
-NAME = "samsum-summarizer"  # the adapter's name in dvc.yaml's `artifacts:` (DVC's model registry)
-SPLITS = ("train", "validation", "test")
 # Each file the card reads: its path, the stage that writes it, and the keys the card needs from it.
 INPUTS = {
-    "train": ("metrics/train.json", "train",
-              ("train_loss", "eval_loss", "tokens_per_s", "peak_memory_gib", "runtime_s")),
-    "run": ("metrics/train_run.json", "train",
+    "train": (TRAIN_METRICS, "train", ("train_loss", "eval_loss", "tokens_per_s", "peak_memory_gib", "runtime_s")),
+    "run": (TRAIN_RUN, "train",
             ("steps", "epochs", "resumed_from_step", "train_tokens", "trainable_params", "total_params",
              "trainable_percent", "adapter_mb", "device", "compute_dtype", "num_processes", "optim")),
-    "data": ("metrics/data.json", "prepare",
+    "data": (DATA_METRICS, "prepare",
              tuple(f"{split}.{key}" for split in SPLITS for key in ("rows_in", "rows_usable", "rows_out"))),
-    "tokens": ("metrics/tokens.json", "tokenize_mask", ("train.examples", "train.truncated")),
-    "compare": ("metrics/compare.json", "compare", ("rougeL.base", "rougeL.tuned", "rougeL.gain")),
-    "lora": (str(ADAPTER / "adapter_config.json"), "train", ("r", "lora_alpha", "lora_dropout", "target_modules")),
-}
-# A hub repository id: `name` or `owner/name`.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-# What the card can say of a hub dataset beyond the pipeline's files, by the dataset's name (without its owner).
-KNOWN_DATASETS = {
-    "samsum": ("en", "messenger-like chats in English, written by linguists to resemble everyday conversations, "
-                     "each with a short summary"),
+    "tokens": (TOKEN_METRICS, "tokenize_mask", ("train.examples", "train.truncated")),
+    "compare": (COMPARE_JSON, "compare", ("rougeL.base", "rougeL.tuned", "rougeL.gain")),
+    "lora": (ADAPTER_CONFIG, "train", ("r", "lora_alpha", "lora_dropout", "target_modules")),
 }
 
 
@@ -84,262 +70,10 @@ def read_inputs() -> dict[str, Any]:
     headline = inputs["compare"]["rougeL"]
     if abs(headline["tuned"] - inputs["adapter"]["rougeL"]) > 1e-6:
         raise PipelineError(
-            f"{INPUTS['compare'][0]} (ROUGE-L {headline['tuned']}) and metrics/adapter.json (ROUGE-L "
+            f"{COMPARE_JSON} (ROUGE-L {headline['tuned']}) and {EVAL_METRICS.format(which='adapter')} (ROUGE-L "
             f"{inputs['adapter']['rougeL']}) are from different runs; run `dvc repro` to bring them up to date"
         )
     return inputs
-
-
-def hub_id(name: str) -> str | None:
-    """`name` when it is a Hugging Face hub id (`name` or `owner/name`, and no such local path), else None."""
-    return None if Path(name).expanduser().exists() or not HUB_ID.fullmatch(name) else name
-
-
-def dataset_note(source: str) -> tuple[str, str] | None:
-    """(language, description) of a known hub dataset, else None."""
-    return KNOWN_DATASETS.get(source.rsplit("/", 1)[-1].lower()) if hub_id(source) else None
-
-
-def front_matter(params: Params, inputs: dict) -> dict:
-    """The card's metadata. pipeline_tag is text-generation, not summarization: the hub's summarization pipeline
-    and widget run sequence-to-sequence models, while this adapter sits on a causal chat model prompted through its
-    chat template; summarization is the task of its results and a tag."""
-    base, source = hub_id(params.model.base_model), hub_id(params.data.source)
-    note = dataset_note(params.data.source)
-    meta: dict[str, Any] = {}
-    if base:  # the hub expects a model id here; a local folder is named in the text instead
-        meta["base_model"] = base
-    meta["library_name"] = "peft"
-    if source:
-        meta["datasets"] = [source]
-    if note:
-        meta["language"] = [note[0]]
-    meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["lora", *(["qlora"] if params.quantization.use_4bit else []), "summarization",
-                    "dialogue-summarization"]
-    dataset = {"name": params.data.source, "type": params.data.source, "split": "test"}
-    if source:
-        dataset["revision"] = params.data.revision
-    adapter = inputs["adapter"]
-    meta["model-index"] = [{
-        "name": NAME,
-        "results": [{
-            "task": {"type": "summarization", "name": "Dialogue summarization"},
-            "dataset": dataset,
-            "metrics": [{"type": key, "name": ROUGE_NAMES[key], "value": adapter[key]}
-                        for key in ROUGE_KEYS],
-        }],
-    }]
-    return meta
-
-
-def _count(value: float) -> str:
-    return f"{value:,}"
-
-
-def _loss(value: float | None) -> str:
-    return f"{value:.4f}" if value is not None else "not logged"
-
-
-def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
-    lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
-    return lines + [f"| {' | '.join(str(cell) for cell in row)} |" for row in rows]
-
-
-def _base_link(name: str) -> str:
-    return f"[`{name}`](https://huggingface.co/{name})" if hub_id(name) else f"`{name}` (a local folder)"
-
-
-def _source_link(params: Params) -> str:
-    source = params.data.source
-    if hub_id(source):
-        return f"[`{source}`](https://huggingface.co/datasets/{source}) at revision `{params.data.revision}`"
-    return f"`{source}` (local files)"
-
-
-def summary_section(params: Params, inputs: dict) -> list[str]:
-    q = params.quantization
-    lora = inputs["lora"]
-    run = inputs["run"]
-    headline = inputs["compare"]["rougeL"]
-    method = (f"QLoRA: the base model frozen in 4-bit {q.bnb_4bit_quant_type.upper()}"
-              f"{' with double quantization' if q.bnb_4bit_use_double_quant else ''}, the adapter trained on top"
-              if q.use_4bit else "LoRA on the frozen, unquantized base model")
-    revision = f" at revision `{params.model.revision}`"
-    return [
-        f"# {NAME}",
-        "",
-        f"A LoRA adapter for {_base_link(params.model.base_model)}{revision} that summarizes dialogues, "
-        f"trained on {_source_link(params)}. On {inputs['comparison']['examples']} test "
-        f"dialogues its ROUGE-L is {100 * headline['tuned']:.2f}, against {100 * headline['base']:.2f} for the "
-        f"base model alone ({signed(100 * headline['gain'], 2)} points).",
-        "",
-        "## Model",
-        "",
-        f"- **Base model:** {_base_link(params.model.base_model)}{revision}",
-        f"- **Method:** {method}",
-        f"- **LoRA:** rank {lora['r']}, alpha {lora['lora_alpha']} (updates scaled by "
-        f"{lora['lora_alpha'] / lora['r']:g}), dropout {lora['lora_dropout']}, on "
-        f"{', '.join(f'`{name}`' for name in sorted(lora['target_modules']))}",
-        f"- **Trainable parameters:** {_count(run['trainable_params'])} of {_count(run['total_params'])} "
-        f"({run['trainable_percent']}%); the adapter file is {run['adapter_mb']} MB",
-        "- **Files:** `adapter_config.json` and `adapter_model.safetensors` (PEFT), the tokenizer and its chat "
-        "template",
-    ]
-
-
-def data_section(params: Params, inputs: dict) -> list[str]:
-    data, tokens = inputs["data"], inputs["tokens"]["train"]
-    note = dataset_note(params.data.source)
-    lines = ["", "## Data", "", f"{_source_link(params)}{f': {note[1]}' if note else ''}.", ""]
-    lines += _table(("split", "rows in the source", "usable", "used"),
-                    [(split, _count(data[split]["rows_in"]), _count(data[split]["rows_usable"]),
-                      _count(data[split]["rows_out"])) for split in SPLITS])
-    lines += [
-        "",
-        "Rows with a missing or empty dialogue or summary, repeated ids or overlong dialogues are not usable; "
-        "fewer rows are used than are usable when the run samples them (`data.*_samples`). Each training example "
-        f"is at most {params.prompt.max_length} tokens (`prompt.max_length`): {_count(tokens['truncated'])} of "
-        f"{_count(tokens['examples'])} had their dialogue shortened to fit, never their summary. The loss is "
-        "computed on the summary tokens only.",
-    ]
-    return lines
-
-
-def training_section(params: Params, inputs: dict) -> list[str]:
-    train, run, t = inputs["train"], inputs["run"], params.training
-    resumed = f" (resumed from a checkpoint at step {run['resumed_from_step']})" if run["resumed_from_step"] else ""
-    rows = [
-        ("optimizer steps", f"{_count(run['steps'])}{resumed}"),
-        ("epochs", run["epochs"]),
-        ("sequences per step", f"{t.per_device_train_batch_size * t.gradient_accumulation_steps} "
-                               f"({t.per_device_train_batch_size} × {t.gradient_accumulation_steps} accumulated)"),
-        ("learning rate", f"{t.learning_rate:g}, {t.lr_scheduler_type} schedule, {t.warmup_steps} warm-up "
-                          f"step{'' if t.warmup_steps == 1 else 's'}"),
-        ("optimizer", f"`{run['optim']}`"),
-        ("tokens trained on (no padding)", _count(run["train_tokens"])),
-        ("training time", f"{train['runtime_s']:,.1f} s"),
-        ("throughput", f"{train['tokens_per_s']:,.0f} tokens/s"),
-        ("device", f"{run['device']}, {run['compute_dtype']} compute, {run['num_processes']} "
-                   f"process{'es' if run['num_processes'] > 1 else ''}"),
-        ("peak GPU memory" if run["device"] == "cuda" else "peak memory (resident, of the process)",
-         f"{train['peak_memory_gib']:.2f} GiB"),
-        ("final training loss", _loss(train["train_loss"])),
-        ("validation loss", _loss(train["eval_loss"])),
-        ("seed", params.seed),
-    ]
-    return ["", "## Training", "", *_table(("", ""), rows), "",
-            "Losses are the mean cross-entropy over summary tokens; the training loss is the last one logged."]
-
-
-def evaluation_section(params: Params, inputs: dict) -> list[str]:
-    comparison, adapter = inputs["comparison"], inputs["adapter"]
-    rows = [(ROUGE_NAMES[key], *(f"{100 * comparison[part][key]:.2f}" for part in ("baseline", "adapter")),
-             signed(100 * comparison["delta"][key], 2)) for key in ROUGE_KEYS]
-    rows.append(("mean summary length (tokens)", f"{comparison['baseline']['gen_len_mean']:.1f}",
-                 f"{comparison['adapter']['gen_len_mean']:.1f}", signed(comparison["delta"]["gen_len_mean"], 1)))
-    test_rows = inputs["data"]["test"]["rows_out"]
-    scope = f"all {_count(test_rows)}" if comparison["examples"] == test_rows else (
-        f"the first {_count(comparison['examples'])} of {_count(test_rows)}")
-    lines = [
-        "", "## Evaluation", "",
-        f"On {scope} test dialogues, the base model alone (baseline) and with this adapter (fine-tuned), both "
-        f"prompted the same way, decoding greedily up to {params.eval.max_new_tokens} new tokens. ROUGE F1 with "
-        "Porter stemming, in percent, averaged over the dialogues; the gain is in percentage points (the "
-        "metadata above holds the fine-tuned scores as fractions).",
-        "",
-        *_table(("", "baseline", "fine-tuned", "gain"), rows),
-    ]
-    cut, empty = adapter.get("cut_by_max_new_tokens"), adapter.get("empty_predictions")
-    if cut is not None and empty is not None:
-        lines += ["", f"Of the fine-tuned model's summaries, {cut} ran out of the {params.eval.max_new_tokens} new "
-                      f"tokens before ending and {empty} were empty (they score 0)."]
-    return lines
-
-
-def usage_section(params: Params, inputs: dict) -> list[str]:
-    q, p = params.quantization, params.prompt
-    if q.use_4bit:
-        load = [
-            "    quantization_config=BitsAndBytesConfig(",
-            f"        load_in_4bit=True, bnb_4bit_quant_type={json.dumps(q.bnb_4bit_quant_type)},",
-            f"        bnb_4bit_use_double_quant={q.bnb_4bit_use_double_quant}, "
-            f"bnb_4bit_compute_dtype=torch.{q.bnb_4bit_compute_dtype}),",
-        ]
-        imports = "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig"
-        why = ("The base is loaded as in training, in 4 bit, so the adapter runs on the weights it was trained "
-               "against; an unquantized base works too, on slightly different weights.")
-    else:
-        load, imports, why = [], "from transformers import AutoModelForCausalLM, AutoTokenizer", ""
-    code = [
-        "```python",
-        "import torch",
-        "from peft import PeftModel",
-        imports,
-        "",
-        'adapter = "models/adapter"  # this folder, or the hub repository it is published to',
-        "base = AutoModelForCausalLM.from_pretrained(",
-        f"    {json.dumps(params.model.base_model)}, revision={json.dumps(params.model.revision)},",
-        *load,
-        f"    dtype=torch.{q.bnb_4bit_compute_dtype})",
-        "model = PeftModel.from_pretrained(base, adapter)",
-        "tokenizer = AutoTokenizer.from_pretrained(adapter)",
-        "",
-        f"messages = [{{\"role\": \"user\", \"content\": {json.dumps(p.instruction + chr(10) * 2, ensure_ascii=False)}"
-        " + dialogue}]",
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
-        f"                                       return_dict=True, date_string={json.dumps(p.date_string)})",
-        f"output = model.generate(**inputs.to(model.device), max_new_tokens={params.eval.max_new_tokens}, "
-        "do_sample=False)",
-        "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
-        "```",
-    ]
-    return [
-        "", "## How to use", "",
-        "The prompt is the one the adapter was trained and evaluated with: a single user turn holding the "
-        "instruction, a blank line and the dialogue, rendered by the chat template saved with the tokenizer "
-        f"(`date_string` fixes the date that Llama 3.x templates print). {why}".rstrip(),
-        "",
-        *code,
-    ]
-
-
-def limits_section(params: Params, inputs: dict) -> list[str]:
-    note = dataset_note(params.data.source)
-    domain = note[1] if note else f"the dialogues of `{params.data.source}`"
-    return [
-        "", "## Limits", "",
-        f"- Trained and tested only on {domain}: other languages, registers (meetings, transcripts, email) and "
-        "much longer conversations are untested.",
-        f"- Trained with one instruction (\"{params.prompt.instruction}\"); other instructions are untested.",
-        f"- The scores are for greedy decoding with at most {params.eval.max_new_tokens} new tokens; sampling or "
-        "another budget gives other summaries.",
-        "- ROUGE counts the words and word sequences a summary shares with one reference summary. It does not "
-        "measure whether the summary is true to the dialogue: a faithful paraphrase can score low, and a "
-        "summary with a wrong name or time can score high.",
-        f"- {_count(inputs['comparison']['examples'])} test dialogues measure the mean with some uncertainty; "
-        "small gains are within the noise.",
-        "- Not assessed for bias or safety; the base model's behaviour and terms of use carry over. No licence is "
-        "stated here: those of the base model and of the data apply.",
-    ]
-
-
-def provenance_section() -> list[str]:
-    return [
-        "", "## Provenance", "",
-        "Written by the `card` stage of the project's DVC pipeline (`dvc repro`) from `params.yaml`, "
-        f"`{INPUTS['lora'][0]}` and the metrics files of the run that trained and scored the adapter; "
-        "`metrics/compare.md` holds example predictions and plots.",
-    ]
-
-
-def render_card(params: Params, inputs: dict) -> str:
-    """The model card: YAML front matter, then the sections."""
-    meta = yaml.safe_dump(front_matter(params, inputs), sort_keys=False, allow_unicode=True, width=1000)
-    sections = [summary_section, data_section, training_section, evaluation_section, usage_section,
-                limits_section]
-    lines = [line for section in sections for line in section(params, inputs)] + provenance_section()
-    return f"---\n{meta}---\n\n" + "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -26,19 +26,18 @@ import torch
 from samsum_qlora.errors import PipelineError, run_stage
 from samsum_qlora.files import atomic_dir
 from samsum_qlora.params import Params, load_params
+from samsum_qlora.paths import ADAPTER, MERGED
 
 log = logging.getLogger(__name__)
 
-ADAPTER = "models/adapter"
-MERGED = "models/merged"
 DTYPES = ("bfloat16", "float16", "float32")
 
 
 def merged_model(params: Params, adapter: str, dtype: torch.dtype, original: bool) -> torch.nn.Module:
     """The base (unpacked from 4 bits, or as published) with the adapter merged in, in `dtype`, on the CPU: the
     evaluation's loading path (load_for_generation, with eval.dequantize on)."""
+    from samsum_qlora.model.adapter import load_for_generation
     from samsum_qlora.model.loading import DevicePolicy
-    from stages.evaluate import load_for_generation
 
     quantization = dataclasses.replace(params.quantization, use_4bit=False) if original else params.quantization
     params = dataclasses.replace(params, quantization=quantization,
@@ -52,8 +51,9 @@ def merged_model(params: Params, adapter: str, dtype: torch.dtype, original: boo
 
 
 def export(params: Params, adapter: str, out: str, dtype: torch.dtype, original: bool) -> None:
+    """Write the merged model and its tokenizer to `out` (atomically: a half-written folder is never left there)."""
+    from samsum_qlora.model.adapter import check_adapter
     from samsum_qlora.model.loading import load_tokenizer
-    from stages.evaluate import check_adapter
 
     check_adapter(adapter)
     tokenizer = load_tokenizer(params.model)

@@ -24,10 +24,9 @@ from pathlib import Path
 from samsum_qlora.errors import PipelineError, run_stage
 from samsum_qlora.files import write_jsonl
 from samsum_qlora.params import Params, load_params
+from samsum_qlora.paths import ADAPTER
 
 log = logging.getLogger(__name__)
-
-ADAPTER = "models/adapter"
 
 
 def read_dialogues(source: str, column: str, id_column: str) -> tuple[list[dict], bool]:
@@ -84,7 +83,8 @@ def _record(item: object, where: str, column: str, id_column: str, index: int) -
 
 def summarize(params: Params, dialogues: list[str], adapter: str | None) -> list[str]:
     """Greedy summaries of `dialogues` by the base model with `adapter` (None: the base alone), as evaluate does."""
-    from stages.evaluate import check_adapter, generate_all
+    from samsum_qlora.evaluation.generation import generate_all
+    from samsum_qlora.model.adapter import check_adapter
 
     if adapter:
         check_adapter(adapter)

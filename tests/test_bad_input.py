@@ -616,7 +616,7 @@ def test_cuda_only_settings_fall_back_on_cpu_with_a_reason(monkeypatch):
 
 
 def test_decoding_flags_budget_cuts_and_blank_outputs(tiny_tokenizer):
-    from stages.evaluate import _decode
+    from samsum_qlora.evaluation.generation import _decode
 
     eot = tiny_tokenizer.convert_tokens_to_ids("<|eot_id|>")
     words = tiny_tokenizer("Anna will call Tom.", add_special_tokens=False)["input_ids"]
@@ -632,8 +632,8 @@ def test_decoding_flags_budget_cuts_and_blank_outputs(tiny_tokenizer):
 
 
 def test_metrics_count_empty_and_cut_predictions_and_score_empty_as_zero():
+    from samsum_qlora.evaluation.generation import Generation, summarize_generations
     from samsum_qlora.evaluation.scoring import ROUGE_KEYS
-    from stages.evaluate import Generation, summarize_generations
 
     generations = [
         Generation("Anna will call Tom tonight.", 6, True),

@@ -14,10 +14,11 @@ from benchmarks.card_plans import shape  # the Llama 3 shapes as the estimates r
 from conftest import TINY_MODEL
 from samsum_qlora import memory as budget
 from samsum_qlora.errors import PipelineError
+from samsum_qlora.evaluation import generation
 from samsum_qlora.memory import GIB, Shape, plan_generation, plan_training, training_bytes
 from samsum_qlora.model.loading import DevicePolicy
 from samsum_qlora.params import EvalParams, Params, TrainingParams
-from stages import evaluate, train
+from stages import train
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 SAMSUM_LOSS_FRACTION = 0.155  # summary tokens of a SAMSum-length example through the Llama 3 template
@@ -290,9 +291,9 @@ def test_evaluate_stage_applies_the_plan(monkeypatch):
     s = Shape.from_config(budget_config(TINY_MODEL))
     room = budget.base_bytes(s, True, True, 4) + budget.generation_bytes(s, 20, 200, 64, 4)
     small = replace(params, eval=replace(params.eval, max_memory_gib=budget._gib(room)))
-    planned = evaluate.plan_memory(small, CPU, 200)
+    planned = generation.plan_memory(small, CPU, 200)
     assert planned.eval.batch_size == 16 and planned.eval.dequantize
-    assert evaluate.plan_memory(params, CPU, 200) == params
+    assert generation.plan_memory(params, CPU, 200) == params
 
 
 def budget_config(model_dir: Path):

@@ -15,6 +15,9 @@ import yaml
 
 from conftest import ROOT
 from samsum_qlora.errors import PipelineError
+from samsum_qlora.evaluation.card import render_card
+from samsum_qlora.evaluation.card_metadata import NAME
+from samsum_qlora.evaluation.scoring import ROUGE_KEYS
 from samsum_qlora.params import parse_params
 from stages import card
 
@@ -89,12 +92,12 @@ def test_front_matter_holds_the_pipelines_values(project):
     assert {"lora", "qlora", "summarization"} <= set(meta["tags"])
     assert "license" not in meta  # nothing in the pipeline's files says which licence applies
     (entry,) = meta["model-index"]
-    assert entry["name"] == card.NAME
+    assert entry["name"] == NAME
     (result,) = entry["results"]
     assert result["task"]["type"] == "summarization"
     assert result["dataset"] == {"name": "knkarthick/samsum", "type": "knkarthick/samsum", "split": "test",
                                  "revision": "b3a2f1c"}
-    assert {m["type"]: m["value"] for m in result["metrics"]} == {key: ADAPTER[key] for key in card.ROUGE_KEYS}
+    assert {m["type"]: m["value"] for m in result["metrics"]} == {key: ADAPTER[key] for key in ROUGE_KEYS}
 
 
 def test_the_hub_reads_the_front_matter(project):
@@ -105,7 +108,7 @@ def test_the_hub_reads_the_front_matter(project):
     parsed = ModelCard((project / "models/card/README.md").read_text())
     assert parsed.data.base_model == PARAMS["model"]["base_model"]
     assert {(r.metric_type, r.metric_value, r.dataset_split) for r in parsed.data.eval_results} == {
-        (key, ADAPTER[key], "test") for key in card.ROUGE_KEYS}
+        (key, ADAPTER[key], "test") for key in ROUGE_KEYS}
 
 
 def test_text_gives_the_runs_figures(project):
@@ -138,6 +141,7 @@ def test_text_gives_the_runs_figures(project):
         "3 ran out of the 56 new tokens before ending and 2 were empty",
         "its ROUGE-L is 40.12, against 23.33 for the base model alone (+16.79 points)",
         "greedy decoding with at most 56 new tokens",
+        "the gain is in percentage points (the metadata above holds the fine-tuned scores as fractions).",
     ]:
         assert line in text, line
 
@@ -168,10 +172,12 @@ def test_local_model_and_data_are_named_in_the_text_not_in_the_metadata(tmp_path
 
     text = (tmp_path / "models/card/README.md").read_text()
     meta = front_matter(text)
-    assert not {"base_model", "datasets", "language"} & set(meta)  # the hub expects ids there, not local paths
+    # The hub expects ids there, not local paths; a model-index names its dataset by id, so there is none.
+    assert not {"base_model", "datasets", "language", "model-index", "model_name"} & set(meta)
+    assert "data/samples" not in text.split("\n---\n", 1)[0]
     assert "qlora" not in meta["tags"]
-    assert meta["model-index"][0]["results"][0]["dataset"] == {"name": "data/samples", "type": "data/samples",
-                                                               "split": "test"}
+    assert "| ROUGE-L | 23.33 | 40.12 | +16.79 |" in text  # the scores are in the text
+    assert "the gain is in percentage points.\n" in text  # and the text does not point at scores in the metadata
     assert "`offline/tiny-llama` (a local folder)" in text and "`data/samples` (local files)" in text
     assert "LoRA on the frozen, unquantized base model" in text and "BitsAndBytesConfig" not in text
 
@@ -222,6 +228,16 @@ def test_the_stage_reports_a_missing_file_in_one_line(project):
         "error: metrics/train_run.json not found: it is written by the `train` stage; run `dvc repro` first"]
 
 
+def test_compare_and_card_load_no_model_library():
+    """Neither stage loads a model: they start without torch, transformers or peft (and draw with matplotlib only
+    when they draw)."""
+    heavy = ("torch", "transformers", "peft", "matplotlib", "scipy")
+    code = f"import sys, stages.compare, stages.card; print([m for m in {heavy!r} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+
+    assert proc.stdout.strip() == "[]"
+
+
 def test_an_older_file_without_a_key_is_named(project):
     run = {key: value for key, value in FILES["metrics/train_run.json"].items() if key != "train_tokens"}
     (project / "metrics/train_run.json").write_text(json.dumps(run))
@@ -269,7 +285,7 @@ def test_the_card_reads_exactly_the_params_its_stage_lists(project):
     listed = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["card"]["params"]
     params = parse_params(PARAMS)
     inputs = card.read_inputs()
-    before = card.render_card(params, inputs)
-    read = [key for key in _leaves(params) if card.render_card(_changed(params, key), inputs) != before]
+    before = render_card(params, inputs)
+    read = [key for key in _leaves(params) if render_card(_changed(params, key), inputs) != before]
     covered = [key for key in _leaves(params) if any(key == entry or key.startswith(f"{entry}.") for entry in listed)]
     assert read == covered

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from samsum_qlora.errors import PipelineError
+from samsum_qlora.evaluation import charts
+from samsum_qlora.evaluation.comparison import compare_metrics, pick_examples, rouge_plot_rows
+from samsum_qlora.evaluation.report import render_report
 from stages import compare
-from stages.compare import compare_metrics, pick_examples, render_report, rouge_plot_rows
 
 BASELINE = {
     "rouge1": 0.25,
@@ -126,7 +128,7 @@ def test_pick_examples_with_fewer_examples_than_asked():
 
 
 def test_pick_examples_uses_common_ids_and_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="stages.compare"):
+    with caplog.at_level(logging.WARNING, logger="samsum_qlora.evaluation.comparison"):
         examples = pick_examples(BASELINE_ROWS, ADAPTER_ROWS[:3])  # adapter has a, b, c only
 
     assert [example.id for example in examples] == ["b", "a", "c"]
@@ -231,7 +233,7 @@ EVAL_CURVE = "step\tloss\n20\t1.95\n40\t1.61\n"
 def write_curves(root: Path, train: str | None = TRAIN_CURVE, validation: str | None = EVAL_CURVE) -> None:
     for name, text in (("training", train), ("validation", validation)):
         if text is not None:
-            path = root / compare.LOSS_CURVES[name]
+            path = root / charts.LOSS_CURVES[name]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
 
@@ -250,18 +252,18 @@ def test_read_curve_sorts_by_step_and_keeps_the_last_value_of_a_step(tmp_path):
     curve = tmp_path / "loss.tsv"
     curve.write_text("step\tloss\n20\t1.5\n10\t2.0\n30\t1.2\n20\t1.4\n")  # 20 again: a resumed run logged it anew
 
-    assert compare.read_curve(curve) == [(10, 2.0), (20, 1.4), (30, 1.2)]
-    assert compare.read_curve(tmp_path / "absent.tsv") == []
+    assert charts.read_curve(curve) == [(10, 2.0), (20, 1.4), (30, 1.2)]
+    assert charts.read_curve(tmp_path / "absent.tsv") == []
 
 
 def test_read_curve_names_the_file_when_it_is_not_a_loss_table(tmp_path):
     curve = tmp_path / "loss.tsv"
     curve.write_text("step\tlearning_rate\n1\t0.1\n")
     with pytest.raises(PipelineError, match="loss.tsv has no `step` and `loss` columns .*learning_rate"):
-        compare.read_curve(curve)
+        charts.read_curve(curve)
     curve.write_text("step\tloss\n1\tabc\n")
     with pytest.raises(PipelineError, match=r"loss.tsv:2: step '1' and loss 'abc' should be numbers"):
-        compare.read_curve(curve)
+        charts.read_curve(curve)
 
 
 def test_main_draws_loss_and_rouge_images_and_links_them_from_the_report(tmp_path, monkeypatch):
@@ -317,6 +319,6 @@ def test_images_are_the_same_bytes_for_the_same_inputs():
     comparison = compare_metrics(BASELINE, ADAPTER)
     curves = {"training": [(10, 2.0), (20, 1.5)], "validation": [(20, 1.7)]}
 
-    assert compare.rouge_png(comparison) == compare.rouge_png(comparison)
-    assert compare.loss_png(curves) == compare.loss_png(curves)
-    assert b"Matplotlib version" not in compare.loss_png(curves)  # matplotlib's default stamp in the metadata
+    assert charts.rouge_png(comparison) == charts.rouge_png(comparison)
+    assert charts.loss_png(curves) == charts.loss_png(curves)
+    assert b"Matplotlib version" not in charts.loss_png(curves)  # matplotlib's default stamp in the metadata

@@ -3,7 +3,7 @@ import torch
 
 from conftest import TINY_MODEL
 from samsum_qlora.data.prompt import generation_prompt_ids
-from stages.evaluate import _decode, generate, stop_token_ids
+from samsum_qlora.evaluation.generation import _decode, generate, stop_token_ids
 
 DATE = "26 Jul 2024"
 

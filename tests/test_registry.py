@@ -9,7 +9,7 @@ import sys
 import yaml
 
 from conftest import ROOT, dvc_env, make_project
-from stages import card
+from samsum_qlora.evaluation.card_metadata import NAME
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 READ_ARTIFACTS = """
@@ -29,7 +29,7 @@ def outputs(stage: str) -> list[str]:
 
 
 def test_the_registered_model_is_what_the_train_stage_writes():
-    artifact = PIPELINE["artifacts"][card.NAME]  # the card and the registry call the adapter by one name
+    artifact = PIPELINE["artifacts"][NAME]  # the card and the registry call the adapter by one name
 
     assert artifact["type"] == "model"
     assert artifact["path"] in outputs("train")
@@ -47,9 +47,9 @@ def test_dvc_reads_the_entry_and_gto_registers_a_version_of_it(tmp_path):
     read = subprocess.run([sys.executable, "-c", READ_ARTIFACTS], cwd=repo, env=env, check=True, capture_output=True,
                           text=True)
     listed = json.loads(read.stdout)["dvc.yaml"]
-    assert listed[card.NAME]["path"] == "models/adapter" and listed[card.NAME]["type"] == "model"
+    assert listed[NAME]["path"] == "models/adapter" and listed[NAME]["type"] == "model"
 
-    subprocess.run(["gto", "register", card.NAME, "--version", "v1.0.0"], cwd=repo, env=env, check=True,
+    subprocess.run(["gto", "register", NAME, "--version", "v1.0.0"], cwd=repo, env=env, check=True,
                    capture_output=True)
     shown = subprocess.run(["gto", "show", "--json"], cwd=repo, env=env, check=True, capture_output=True, text=True)
-    assert json.loads(shown.stdout)[card.NAME]["version"] == "v1.0.0"
+    assert json.loads(shown.stdout)[NAME]["version"] == "v1.0.0"

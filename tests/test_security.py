@@ -72,9 +72,9 @@ def test_every_loader_is_called_without_remote_code(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from samsum_qlora.data.sources import load_hub
+    from samsum_qlora.model.adapter import load_adapter
     from samsum_qlora.model.loading import choose_device, load_base_model, load_tokenizer
     from samsum_qlora.params import ModelParams, QuantizationParams
-    from stages.evaluate import load_adapter
 
     adapter = tmp_path / "adapter"
     base = AutoModelForCausalLM.from_pretrained(TINY_MODEL)

@@ -47,9 +47,10 @@ def project(tmp_path_factory) -> Path:
 def evaluated(project) -> list[str]:
     """What evaluate_adapter's code path generates for DIALOGUES."""
     from samsum_qlora.data.prompt import generation_prompt_ids
+    from samsum_qlora.evaluation.generation import generate, stop_token_ids
+    from samsum_qlora.model.adapter import load_for_generation
     from samsum_qlora.model.loading import choose_device, load_tokenizer
     from samsum_qlora.params import load_params
-    from stages.evaluate import generate, load_for_generation, stop_token_ids
 
     params = load_params(project / "params.yaml")
     policy = choose_device(params.quantization)
@@ -115,10 +116,10 @@ def test_export_writes_a_plain_transformers_model_that_generates_what_was_evalua
     from transformers import AutoModelForCausalLM
 
     from samsum_qlora.data.prompt import generation_prompt_ids
+    from samsum_qlora.evaluation.generation import generate, stop_token_ids
     from samsum_qlora.model.loading import load_tokenizer
     from samsum_qlora.params import load_params
     from stages import export
-    from stages.evaluate import generate, stop_token_ids
 
     monkeypatch.chdir(project)
     export.main(["--out", "merged32", "--dtype", "float32"])

@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
-
-from nltk.stem import porter
-from rouge_score import rouge_scorer, tokenize, tokenizers
+from typing import TYPE_CHECKING
 
 from samsum_qlora.errors import PipelineError
+
+if TYPE_CHECKING:
+    from rouge_score import rouge_scorer
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -31,20 +32,24 @@ def split_sentences(text: str) -> list[str]:
     return [sentence for sentence in sentences if sentence]
 
 
-class _StemmingTokenizer(tokenizers.Tokenizer):
-    """rouge_score's own tokenization with the Porter stemmer (what `use_stemmer=True` does), each word stemmed
-    once: stemming is pure and three quarters of the scoring time, and a test set repeats its words."""
-
-    def __init__(self) -> None:
-        self.stem = functools.lru_cache(maxsize=2**16)(porter.PorterStemmer().stem)
-
-    def tokenize(self, text: str) -> list[str]:
-        return tokenize.tokenize(text, self)
-
-
 @functools.cache
 def _scorer(keys: tuple[str, ...]) -> rouge_scorer.RougeScorer:
-    return rouge_scorer.RougeScorer(list(keys), tokenizer=_StemmingTokenizer())
+    # Imported on first use: nltk, which rouge_score loads, imports scipy (1.5 s), and the compare and card stages
+    # read only ROUGE_KEYS.
+    from nltk.stem import porter
+    from rouge_score import rouge_scorer, tokenize, tokenizers
+
+    class StemmingTokenizer(tokenizers.Tokenizer):
+        """rouge_score's own tokenization with the Porter stemmer (what `use_stemmer=True` does), each word stemmed
+        once: stemming is pure and three quarters of the scoring time, and a test set repeats its words."""
+
+        def __init__(self) -> None:
+            self.stem = functools.lru_cache(maxsize=2**16)(porter.PorterStemmer().stem)
+
+        def tokenize(self, text: str) -> list[str]:
+            return tokenize.tokenize(text, self)
+
+    return rouge_scorer.RougeScorer(list(keys), tokenizer=StemmingTokenizer())
 
 
 def score_pair(prediction: str, reference: str) -> dict[str, float]:
