@@ -1,1 +1,1 @@
-"""Evaluation: ROUGE scoring of generated summaries."""
+"""Evaluation: generating summaries, scoring them with ROUGE, the comparison report and its charts, the model card."""
