@@ -81,10 +81,9 @@ def broken(page: Path, target: str) -> str | None:
     dest = (page.parent / unquote(path_part)).resolve() if path_part else page
     if not dest.exists():
         return f"{dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest} does not exist"
-    if anchor and dest.suffix == ".md":
-        if unquote(anchor).lower() not in anchors(dest):
-            known = ", ".join(sorted("#" + a for a in anchors(dest)))
-            return f"no heading gives #{anchor} in {dest.relative_to(ROOT)} (its anchors: {known})"
+    if anchor and dest.suffix == ".md" and unquote(anchor) not in anchors(dest):
+        known = ", ".join(sorted("#" + a for a in anchors(dest)))
+        return f"no heading gives #{anchor} in {dest.relative_to(ROOT)} (its anchors: {known})"
     return None
 
 
