@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
-from pydantic.dataclasses import dataclass
-from pydantic_core import PydanticUndefined
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, with_config
 
 from samsum_qlora.errors import PipelineError
-from samsum_qlora.params_text import one_line_error, reference_markdown
+from samsum_qlora.params_text import fields_of, one_line_error, reference_markdown
 from samsum_qlora.paths import PARAMS
 
 PARAMS_FILE = PARAMS
@@ -42,148 +41,170 @@ Int = Annotated[int, Strict()]
 Number = Annotated[float, BeforeValidator(_yaml_number), Strict()]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
-Name = Annotated[str, Strict(), Field(min_length=1)]
+Names = Annotated[list[Annotated[str, Strict(), Field(min_length=1)]], BeforeValidator(_one_or_many)]
 
 
-def param(default: Any = PydanticUndefined, about: str = "", *, means: str | None = None, noun: str | None = None,
-          unit: str | None = None, note: str | None = None, **constraints: Any) -> Any:
-    """A field of the schema: its default, what it does (`about`), and how its accepted values read in words:
-    `means` says what null (or the one special value) does, `noun`/`unit`/`note` complete the range's wording."""
+def param(about: str, *, means: str | None = None, noun: str | None = None, unit: str | None = None,
+          note: str | None = None, **constraints: Any) -> Any:
+    """A key's meaning (`about`) and constraints; `means` says what null (or the one special value) does, and
+    `noun`, `unit` and `note` complete how its accepted values read in an error."""
     words = {k: v for k, v in {"means": means, "noun": noun, "unit": unit, "note": note}.items() if v}
-    return Field(default, description=about, json_schema_extra=words or None, **constraints)
+    return Field(description=about, json_schema_extra=words or None, **constraints)
 
 
-@dataclass(frozen=True, config=SCHEMA)
+# Plain frozen dataclasses (dataclasses.replace and asdict work, and do not validate); pydantic validates the
+# mapping read from params.yaml against them once, in parse_params.
+@with_config(SCHEMA)
+@dataclass(frozen=True)
 class ModelParams:
-    base_model: Str = param("meta-llama/Llama-3.2-1B-Instruct", "hub id or local directory of the base chat model "
-                            "(Llama 3.2 is gated: it needs a Hugging Face token)",
-                            noun="a hub model id or a local directory", min_length=1)
-    tokenizer_type: Str | None = param("meta-llama/Llama-3.2-1B-Instruct", "hub id or local directory of the "
-                                       "tokenizer (with a chat template); null = the same as base_model")
-    revision: Str = param("main", "hub branch, tag or commit of model and tokenizer; pin a commit to reproduce "
-                          "exactly", noun="a branch, tag or commit", min_length=1)
+    base_model: Annotated[Str, param("hub id or local directory of the base chat model (Llama 3.2 is gated: it needs "
+                                     "a Hugging Face token)", noun="a hub model id or a local directory",
+                                     min_length=1)] = "meta-llama/Llama-3.2-1B-Instruct"
+    tokenizer_type: Annotated[Str | None, param("hub id or local directory of the tokenizer (with a chat template); "
+                                                "null = the same as base_model")] = "meta-llama/Llama-3.2-1B-Instruct"
+    revision: Annotated[Str, param("hub branch, tag or commit of model and tokenizer; pin a commit to reproduce "
+                                   "exactly", noun="a branch, tag or commit", min_length=1)] = "main"
 
     @property
     def tokenizer_name(self) -> str:
         return self.tokenizer_type or self.base_model
 
 
-@dataclass(frozen=True, config=SCHEMA)
+@with_config(SCHEMA)
+@dataclass(frozen=True)
 class QuantizationParams:
-    use_4bit: Bool = param(True, "load the frozen base in 4 bit (QLoRA); false = plain LoRA on an unquantized base")
-    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = param(
-        "bfloat16", "dtype of the 4-bit matmuls; on CPU float32 is used (said in the log)")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = param("nf4", "4-bit data type of the base's weights")
-    bnb_4bit_use_double_quant: Bool = param(True, "also quantize the quantization constants (saves ~0.4 bit/param)")
+    use_4bit: Annotated[Bool, param("load the frozen base in 4 bit (QLoRA); false = plain LoRA on an unquantized "
+                                    "base")] = True
+    bnb_4bit_compute_dtype: Annotated[Literal["bfloat16", "float16", "float32"], param(
+        "dtype of the 4-bit matmuls; on CPU float32 is used (said in the log)")] = "bfloat16"
+    bnb_4bit_quant_type: Annotated[Literal["nf4", "fp4"], param("4-bit data type of the base's weights")] = "nf4"
+    bnb_4bit_use_double_quant: Annotated[Bool, param("also quantize the quantization constants (saves ~0.4 "
+                                                     "bit/param)")] = True
 
 
-@dataclass(frozen=True, config=SCHEMA)
+@with_config(SCHEMA)
+@dataclass(frozen=True)
 class LoraParams:
-    r: Int = param(8, "rank of the update matrices", gt=0)
-    lora_alpha: Int = param(16, "scaling numerator: the update is scaled by lora_alpha / r", gt=0)
-    target_modules: Annotated[list[Name], BeforeValidator(_one_or_many)] = param(
-        about="names of the linear layers that get adapters", noun="module names, e.g. [q_proj, v_proj]",
-        default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
-    lora_dropout: Number = param(0.05, "dropout on the adapter input", ge=0, lt=1)
+    r: Annotated[Int, param("rank of the update matrices", gt=0)] = 8
+    lora_alpha: Annotated[Int, param("scaling numerator: the update is scaled by lora_alpha / r", gt=0)] = 16
+    target_modules: Annotated[Names, param("names of the linear layers that get adapters", min_length=1,
+                                           noun="module names, e.g. [q_proj, v_proj]")] = field(
+        default_factory=lambda: ["q_proj", "v_proj"])
+    lora_dropout: Annotated[Number, param("dropout on the adapter input", ge=0, lt=1)] = 0.05
 
 
-@dataclass(frozen=True, config=SCHEMA)
+@with_config(SCHEMA)
+@dataclass(frozen=True)
 class DataParams:
-    source: Str = param("knkarthick/samsum", "hub dataset id, or a local file/folder (json, jsonl, csv, parquet; "
-                        "README, Data sources)", noun="a hub dataset id or a local path", min_length=1)
-    revision: Str = param("main", "hub branch, tag or commit of the dataset (ignored for local files)")
-    dialogue_column: Str = param("dialogue", "column holding the conversation", noun="a column name", min_length=1)
-    summary_column: Str = param("summary", "column holding the reference summary", noun="a column name",
-                                min_length=1)
-    id_column: Str = param("id", "column holding a row id; optional in the data: a stable id is derived from the "
-                           "text when absent", noun="a column name", min_length=1)
-    train_samples: Int | None = param(None, "rows of the train split: a seeded sample of N rows", means="all rows",
-                                      gt=0)
-    validation_samples: Int | None = param(None, "rows of the validation split, as train_samples",
-                                           means="all rows", gt=0)
-    test_samples: Int | None = param(None, "rows of the test split, as train_samples", means="all rows", gt=0)
+    source: Annotated[Str, param("hub dataset id, or a local file/folder (json, jsonl, csv, parquet; README, Data "
+                                 "sources)", noun="a hub dataset id or a local path",
+                                 min_length=1)] = "knkarthick/samsum"
+    revision: Annotated[Str, param("hub branch, tag or commit of the dataset (ignored for local files)")] = "main"
+    dialogue_column: Annotated[Str, param("column holding the conversation", noun="a column name",
+                                          min_length=1)] = "dialogue"
+    summary_column: Annotated[Str, param("column holding the reference summary", noun="a column name",
+                                         min_length=1)] = "summary"
+    id_column: Annotated[Str, param("column holding a row id; optional in the data: a stable id is derived from the "
+                                    "text when absent", noun="a column name", min_length=1)] = "id"
+    train_samples: Annotated[Int | None, param("rows of the train split: N = a seeded sample of N rows",
+                                               means="all rows", gt=0)] = None
+    validation_samples: Annotated[Int | None, param("rows of the validation split, as train_samples",
+                                                    means="all rows", gt=0)] = None
+    test_samples: Annotated[Int | None, param("rows of the test split, as train_samples", means="all rows",
+                                              gt=0)] = None
 
 
-@dataclass(frozen=True, config=SCHEMA)
+@with_config(SCHEMA)
+@dataclass(frozen=True)
 class PromptParams:
-    instruction: Str = param("Summarize this dialogue in one or two sentences.",
-                             "the user turn, followed by the dialogue")
-    max_length: Int = param(512, "tokens per training example; long dialogues are shortened, never the summary",
-                            note="tokens", ge=16)
-    date_string: Str = param("26 Jul 2024", "fixed date for chat templates that print today's date (Llama 3.x)")
+    instruction: Annotated[Str, param("the user turn, followed by the dialogue")] = (
+        "Summarize this dialogue in one or two sentences.")
+    max_length: Annotated[Int, param("tokens per training example; long dialogues are shortened, never the summary",
+                                     note="tokens", ge=16)] = 512
+    date_string: Annotated[Str, param("fixed date for chat templates that print today's date (Llama 3.x)")] = (
+        "26 Jul 2024")
 
 
-@dataclass(frozen=True, config=SCHEMA)
+@with_config(SCHEMA)
+@dataclass(frozen=True)
 class TrainingParams:
-    num_train_epochs: Number = param(1.0, "passes over the training split", gt=0)
-    max_steps: Literal[-1] | Annotated[Int, Field(gt=0)] = param(
-        -1, "> 0 stops after this many optimizer steps instead (quick runs)", means="use num_train_epochs")
-    per_device_train_batch_size: Int = param(16, "sequences per process and micro-batch; sequences per optimizer "
-                                             "step = this x gradient_accumulation_steps x num_processes", gt=0)
-    gradient_accumulation_steps: Int = param(1, "micro-batches per optimizer step (16 x 1 gives the tutorial's "
-                                             "4 x 4 loss, in one pass)", gt=0)
-    num_processes: Int = param(1, "data-parallel processes, one per GPU, for training and both evaluations; the "
-                               "train batch size must divide by it (README, Several GPUs)",
-                               note="data-parallel processes: one per GPU", gt=0)
-    max_tokens_per_micro_batch: Int | None = param(
-        8192, "a micro-batch of more tokens (padded: rows x longest row) runs as several forward/backward passes "
-        "cut between examples: the same loss and gradients, less memory, slower (README, Performance)",
-        means="one pass per micro-batch", note="tokens", gt=0)
-    learning_rate: Number = param(2e-4, "peak learning rate", gt=0)
-    lr_scheduler_type: Str = param("linear", "any transformers scheduler name: linear | cosine | "
-                                   "constant_with_warmup | ...")
-    warmup_steps: Int = param(50, "optimizer steps of linear warmup", ge=0)
-    weight_decay: Number = param(0.0, "AdamW weight decay", ge=0)
-    max_grad_norm: Number = param(1.0, "gradient clipping norm", note="0 disables clipping", ge=0)
-    logging_steps: Int = param(10, "train loss is logged (and plotted) every N optimizer steps", gt=0)
-    save_strategy: Literal["steps", "epoch", "no"] = param("steps", "when checkpoints are written")
-    save_steps: Int = param(100, "checkpoint into models/checkpoints/ every N steps (resume after interruption)",
-                            gt=0)
-    save_total_limit: Int = param(2, "checkpoints kept on disk", gt=0)
-    eval_steps: Int = param(100, "validation loss every N steps", gt=0)
-    per_device_eval_batch_size: Int = param(8, "validation examples per pass when max_tokens_per_micro_batch is "
-                                            "null; with a cap, a pass takes whole examples up to it", gt=0)
-    optim: Str = param("paged_adamw_8bit", "any transformers optimizer; on CPU adamw_torch is used instead (said "
-                       "in the log)")
-    padding_free: Bool = param(True, "lay a micro-batch's examples end to end, each attending only to itself; "
-                               "false = pad to the longest example, as the tutorial did")
-    dequantize: Bool = param(True, "train over the NF4 base unpacked once to the compute dtype: the same weights, "
-                             "faster, 2 bytes/weight instead of ~0.6; false = the 4-bit kernels")
-    compile: Bool = param(True, "torch.compile the decoder layers (CUDA only): ~1.5x faster, less activation "
-                          "memory, 20-30 s of compiling; false = eager")
-    gradient_checkpointing: Bool = param(False, "recompute activations in the backward pass: ~half the memory, "
-                                         "~1.8x slower")
-    upcast_frozen: Bool = param(False, "frozen embeddings and norms in float32 (peft's "
-                                "prepare_model_for_kbit_training): slower, and more memory")
-    max_memory_gib: Number | None = param(
-        None, "GPU memory the stage may use; when the switches above would not fit, the stage picks the fastest "
-        "settings that do and says so (README, Performance)", means="the GPU's memory", unit="GiB", note="e.g. 16",
-        gt=1)
+    num_train_epochs: Annotated[Number, param("passes over the training split", gt=0)] = 1.0
+    max_steps: Annotated[Literal[-1] | Annotated[Int, Field(gt=0)], param(
+        "> 0 stops after this many optimizer steps instead (quick runs)", means="use num_train_epochs")] = -1
+    per_device_train_batch_size: Annotated[Int, param(
+        "sequences per process and micro-batch; sequences per optimizer step = this x gradient_accumulation_steps, "
+        "split between the processes", gt=0)] = 16
+    gradient_accumulation_steps: Annotated[Int, param(
+        "micro-batches per optimizer step (16 x 1: the tutorial's 4 x 4 loss, in one pass)", gt=0)] = 1
+    num_processes: Annotated[Int, param(
+        "data-parallel processes, one per GPU, for training and both evaluations; the train batch size must divide "
+        "by it (README, Several GPUs)", note="data-parallel processes: one per GPU", gt=0)] = 1
+    max_tokens_per_micro_batch: Annotated[Int | None, param(
+        "a micro-batch of more tokens (padded: rows x longest row) runs as several forward/backward passes cut "
+        "between examples: the same loss and gradients, less memory, slower (README, Performance)",
+        means="one pass per micro-batch", note="tokens", gt=0)] = 8192
+    learning_rate: Annotated[Number, param("peak learning rate", gt=0)] = 2e-4
+    lr_scheduler_type: Annotated[Str, param("any transformers scheduler name: linear | cosine | "
+                                            "constant_with_warmup | ...")] = "linear"
+    warmup_steps: Annotated[Int, param("optimizer steps of warmup to the peak learning rate", ge=0)] = 50
+    weight_decay: Annotated[Number, param("AdamW weight decay", ge=0)] = 0.0
+    max_grad_norm: Annotated[Number, param("gradient clipping norm", note="0 disables clipping", ge=0)] = 1.0
+    logging_steps: Annotated[Int, param("train loss is logged (and plotted) every N optimizer steps", gt=0)] = 10
+    save_strategy: Annotated[Literal["steps", "epoch", "no"], param("when checkpoints are written")] = "steps"
+    save_steps: Annotated[Int, param("checkpoint into models/checkpoints/ every N steps (resume after "
+                                     "interruption)", gt=0)] = 100
+    save_total_limit: Annotated[Int, param("checkpoints kept on disk", gt=0)] = 2
+    eval_steps: Annotated[Int, param("validation loss every N steps", gt=0)] = 100
+    per_device_eval_batch_size: Annotated[Int, param(
+        "validation examples per pass when max_tokens_per_micro_batch is null; with a cap, a pass takes whole "
+        "examples up to it", gt=0)] = 8
+    optim: Annotated[Str, param("any transformers optimizer; on CPU adamw_torch is used instead (said in the "
+                                "log)")] = "paged_adamw_8bit"
+    padding_free: Annotated[Bool, param("lay a micro-batch's examples end to end, each attending only to itself; "
+                                        "false = pad to the longest example, as the tutorial did")] = True
+    dequantize: Annotated[Bool, param("train over the NF4 base unpacked once to the compute dtype: the same "
+                                      "weights, faster, 2 bytes/weight instead of ~0.6; false = the 4-bit "
+                                      "kernels")] = True
+    compile: Annotated[Bool, param("torch.compile the decoder layers (CUDA only): ~1.5x faster, less activation "
+                                   "memory, 20-30 s of compiling; false = eager")] = True
+    gradient_checkpointing: Annotated[Bool, param("recompute activations in the backward pass: ~half the memory, "
+                                                  "~1.8x slower")] = False
+    upcast_frozen: Annotated[Bool, param("frozen embeddings and norms in float32 (peft's "
+                                         "prepare_model_for_kbit_training): slower, and more memory")] = False
+    max_memory_gib: Annotated[Number | None, param(
+        "GPU memory the stage may use; when the switches above would not fit, the stage picks the fastest "
+        "settings that do and says so (README, Performance)", means="the GPU's memory", unit="GiB",
+        note="e.g. 16", gt=1)] = None
 
 
-@dataclass(frozen=True, config=SCHEMA)
+@with_config(SCHEMA)
+@dataclass(frozen=True)
 class EvalParams:
-    max_new_tokens: Int = param(64, "generation budget per summary (SAMSum summaries are ~25 tokens)", gt=0)
-    batch_size: Int = param(256, "dialogues generated together (sorted by length, left-padded)", gt=0)
-    max_samples: Int | None = param(None, "rows of the test split to evaluate: its first N (quick runs)",
-                                    means="the whole test split", gt=0)
-    dequantize: Bool = param(True, "generate with the 4-bit base unpacked to the compute dtype and the adapter "
-                             "merged in: the same weights, several times faster; false = 4-bit kernels")
-    max_memory_gib: Number | None = param(
-        None, "GPU memory for generation; the 4-bit base and smaller batches are used when the settings above "
-        "would not fit", means="the GPU's memory", unit="GiB", note="e.g. 16", gt=1)
+    max_new_tokens: Annotated[Int, param("generation budget per summary (SAMSum summaries are ~25 tokens)",
+                                         gt=0)] = 64
+    batch_size: Annotated[Int, param("dialogues generated together (sorted by length, left-padded)", gt=0)] = 256
+    max_samples: Annotated[Int | None, param("rows of the test split to evaluate: N = its first N (quick runs)",
+                                             means="the whole test split", gt=0)] = None
+    dequantize: Annotated[Bool, param("generate with the 4-bit base unpacked to the compute dtype and the adapter "
+                                      "merged in: the same weights, several times faster; false = 4-bit "
+                                      "kernels")] = True
+    max_memory_gib: Annotated[Number | None, param(
+        "GPU memory for generation; the 4-bit base and smaller batches are used when the settings above would not "
+        "fit", means="the GPU's memory", unit="GiB", note="e.g. 16", gt=1)] = None
 
 
-@dataclass(frozen=True, config=SCHEMA)
+@with_config(SCHEMA)
+@dataclass(frozen=True)
 class Params:
-    seed: Int = param(42, "seeds sampling, LoRA initialisation, data order and dropout")
-    model: ModelParams = param(default_factory=ModelParams, about="the base model and its tokenizer")
-    quantization: QuantizationParams = param(default_factory=QuantizationParams, about="the frozen base in 4 bit")
-    lora: LoraParams = param(default_factory=LoraParams, about="the adapters")
-    data: DataParams = param(default_factory=DataParams, about="where the dialogues come from")
-    prompt: PromptParams = param(default_factory=PromptParams, about="how a dialogue becomes a prompt")
-    training: TrainingParams = param(default_factory=TrainingParams, about="the train stage")
-    eval: EvalParams = param(default_factory=EvalParams, about="the two evaluation stages")
+    seed: Annotated[Int, param("seeds sampling, LoRA initialisation, data order and dropout")] = 42
+    model: Annotated[ModelParams, param("the base model and its tokenizer")] = field(default_factory=ModelParams)
+    quantization: Annotated[QuantizationParams, param("the frozen base in 4 bit")] = field(
+        default_factory=QuantizationParams)
+    lora: Annotated[LoraParams, param("the adapters")] = field(default_factory=LoraParams)
+    data: Annotated[DataParams, param("where the dialogues come from")] = field(default_factory=DataParams)
+    prompt: Annotated[PromptParams, param("how a dialogue becomes a prompt")] = field(default_factory=PromptParams)
+    training: Annotated[TrainingParams, param("the train stage")] = field(default_factory=TrainingParams)
+    eval: Annotated[EvalParams, param("the two evaluation stages")] = field(default_factory=EvalParams)
 
 
 _VALIDATOR = TypeAdapter(Params)
@@ -195,7 +216,7 @@ def parse_params(raw: Any) -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise PipelineError(f"{PARAMS_FILE}: the file must be a mapping of keys, got {raw!r}")
-    sections = {name for name, f in Params.__pydantic_fields__.items() if dataclasses.is_dataclass(f.annotation)}
+    sections = {name for name, f in fields_of(Params).items() if dataclasses.is_dataclass(f.annotation)}
     raw = {key: {} if key in sections and value is None else value for key, value in raw.items()}  # `model:` alone
     try:
         return _VALIDATOR.validate_python(raw)

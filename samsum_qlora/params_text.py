@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from typing import Annotated, Any, Literal
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 BOUNDS = ("gt", "ge", "lt", "le")
 SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
@@ -90,8 +92,12 @@ def accepted(field: FieldInfo) -> str:
     return " or ".join([*(_yaml(value) + means for value in specials), text])
 
 
-def _fields(schema: type) -> dict[str, FieldInfo]:
-    return schema.__pydantic_fields__
+@functools.cache
+def fields_of(schema: type) -> dict[str, FieldInfo]:
+    """A schema dataclass's keys, in order, each with its type, constraints and description."""
+    hints = typing.get_type_hints(schema, include_extras=True)
+    return {f.name: FieldInfo.from_annotated_attribute(hints[f.name], PydanticUndefined)
+            for f in dataclasses.fields(schema)}
 
 
 def _step(raw: Any, part: Any) -> tuple[bool, Any]:
@@ -126,7 +132,7 @@ def _resolve(schema: type, loc: tuple) -> tuple[list[Any], type, FieldInfo | Non
         elif field is None or dataclasses.is_dataclass(field.annotation):
             if field is not None:
                 section = field.annotation
-            field = _fields(section).get(part)
+            field = fields_of(section).get(part)
             path.append(part)
             depth = len(path)
             if field is None:
@@ -172,7 +178,7 @@ def one_line_error(schema: type, raw: dict, err: ValidationError) -> str:
     full, value = _name(path), _at(raw, path)
     if field is None or errors[0]["type"] in UNKNOWN_KEY:
         prefix = _name(path[:-1]) + "." if len(path) > 1 else ""
-        names = list(_fields(section))
+        names = list(fields_of(section))
         close = difflib.get_close_matches(str(path[-1]), names, n=1, cutoff=0.4)
         hint = f"did you mean {prefix}{close[0]}? " if close else ""
         where = f" of {prefix.rstrip('.')}" if prefix else ""
@@ -197,10 +203,10 @@ def reference_markdown(schema: type) -> str:
              "Every stage validates the whole of params.yaml when it starts; `dvc exp run -S key=value` overrides "
              "any key (lists in brackets: `-S 'lora.target_modules=[q_proj,k_proj,v_proj,o_proj]'`).", ""]
     defaults = dataclasses.asdict(schema())
-    top = {name: f for name, f in _fields(schema).items() if not dataclasses.is_dataclass(f.annotation)}
+    top = {name: f for name, f in fields_of(schema).items() if not dataclasses.is_dataclass(f.annotation)}
     sections = [("top level", "", top, defaults)]
-    sections += [(f"`{name}`: {f.description}", f"{name}.", _fields(f.annotation), defaults[name])
-                 for name, f in _fields(schema).items() if name not in top]
+    sections += [(f"`{name}`: {f.description}", f"{name}.", fields_of(f.annotation), defaults[name])
+                 for name, f in fields_of(schema).items() if name not in top]
     for title, prefix, fields, values in sections:
         lines += [f"## {title}", "", "| key | default | accepts | what it does |", "|---|---|---|---|"]
         for name, f in fields.items():

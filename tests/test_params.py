@@ -6,7 +6,7 @@ import yaml
 
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.params import Params, load_params, parse_params
-from samsum_qlora.params_text import reference_markdown
+from samsum_qlora.params_text import fields_of, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,10 +54,9 @@ def test_docs_params_md_is_generated_from_the_schema():
 
 
 def test_every_key_says_what_it_does():
-    sections = [Params, *(f.annotation for f in Params.__pydantic_fields__.values()
-                          if dataclasses.is_dataclass(f.annotation))]
+    sections = [Params, *(f.annotation for f in fields_of(Params).values() if dataclasses.is_dataclass(f.annotation))]
     for section in sections:
-        for name, field in section.__pydantic_fields__.items():
+        for name, field in fields_of(section).items():
             assert field.description, f"{section.__name__}.{name} has no description"
 
 
