@@ -19,7 +19,6 @@ BOUNDS = ("gt", "ge", "lt", "le")
 SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
 RANGE_ERRORS = ("greater_than", "less_than", "too_short", "string_too_short", "literal_error")
-UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")
 
 
 def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
@@ -176,9 +175,9 @@ def one_line_error(schema: type, raw: dict, err: ValidationError) -> str:
         ranked.append(((position[:depth], not type_error, position[depth:]), path, section, field, depth, errors))
     _, path, section, field, depth, errors = min(ranked, key=lambda r: r[0])
     full, value = _name(path), _at(raw, path)
-    if field is None or errors[0]["type"] in UNKNOWN_KEY:
+    if field is None:
         prefix = _name(path[:-1]) + "." if len(path) > 1 else ""
-        names = list(fields_of(section))
+        full, names = f"{prefix}{path[-1]}", list(fields_of(section))
         close = difflib.get_close_matches(str(path[-1]), names, n=1, cutoff=0.4)
         hint = f"did you mean {prefix}{close[0]}? " if close else ""
         where = f" of {prefix.rstrip('.')}" if prefix else ""
