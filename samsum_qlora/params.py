@@ -1,241 +1,227 @@
-"""The params.yaml schema: typed sections, validated once when a stage starts."""
+"""The params.yaml schema: every key's type, range, default and meaning, validated once when a stage starts.
+
+    python -m samsum_qlora.params --markdown > docs/params.md   # the reference page, generated from this schema
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, with_config
 
 from samsum_qlora.errors import PipelineError
+from samsum_qlora.params_text import fields_of, one_line_error, reference_markdown
+from samsum_qlora.paths import PARAMS
 
-PARAMS_FILE = "params.yaml"
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-QUANT_TYPES = ("nf4", "fp4")
-SAVE_STRATEGIES = ("steps", "epoch", "no")
+PARAMS_FILE = PARAMS
+SCHEMA = ConfigDict(extra="forbid")
 
 
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads "2e-4" as a string: a number written so still counts as one."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value  # a single name given on the CLI: -S lora.target_modules=q_proj
+
+
+# YAML's types, strictly: "8" is not an integer, 2.5 is not one either, "yes" is not true; an integer is a number.
+Int = Annotated[int, Strict()]
+Number = Annotated[float, BeforeValidator(_yaml_number), Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+Names = Annotated[list[Annotated[str, Strict(), Field(min_length=1)]], BeforeValidator(_one_or_many)]
+
+
+def param(about: str, *, means: str | None = None, noun: str | None = None, unit: str | None = None,
+          note: str | None = None, **constraints: Any) -> Any:
+    """A key's meaning (`about`) and constraints; `means` says what null (or the one special value) does, and
+    `noun`, `unit` and `note` complete how its accepted values read in an error."""
+    words = {k: v for k, v in {"means": means, "noun": noun, "unit": unit, "note": note}.items() if v}
+    return Field(description=about, json_schema_extra=words or None, **constraints)
+
+
+# Plain frozen dataclasses (dataclasses.replace and asdict work, and do not validate); pydantic validates the
+# mapping read from params.yaml against them once, in parse_params.
+@with_config(SCHEMA)
 @dataclass(frozen=True)
 class ModelParams:
-    base_model: str = "meta-llama/Llama-3.2-1B-Instruct"
-    tokenizer_type: str | None = None
-    revision: str = "main"
+    base_model: Annotated[Str, param("hub id or local directory of the base chat model (Llama 3.2 is gated: it needs "
+                                     "a Hugging Face token)", noun="a hub model id or a local directory",
+                                     min_length=1)] = "meta-llama/Llama-3.2-1B-Instruct"
+    tokenizer_type: Annotated[Str | None, param("hub id or local directory of the tokenizer (with a chat template); "
+                                                "null = the same as base_model")] = "meta-llama/Llama-3.2-1B-Instruct"
+    revision: Annotated[Str, param("hub branch, tag or commit of model and tokenizer; pin a commit to reproduce "
+                                   "exactly", noun="a branch, tag or commit", min_length=1)] = "main"
 
     @property
     def tokenizer_name(self) -> str:
         return self.tokenizer_type or self.base_model
 
 
+@with_config(SCHEMA)
 @dataclass(frozen=True)
 class QuantizationParams:
-    use_4bit: bool = True
-    bnb_4bit_compute_dtype: str = "bfloat16"
-    bnb_4bit_quant_type: str = "nf4"
-    bnb_4bit_use_double_quant: bool = True
+    use_4bit: Annotated[Bool, param("load the frozen base in 4 bit (QLoRA); false = plain LoRA on an unquantized "
+                                    "base")] = True
+    bnb_4bit_compute_dtype: Annotated[Literal["bfloat16", "float16", "float32"], param(
+        "dtype of the 4-bit matmuls; on CPU float32 is used (said in the log)")] = "bfloat16"
+    bnb_4bit_quant_type: Annotated[Literal["nf4", "fp4"], param("4-bit data type of the base's weights")] = "nf4"
+    bnb_4bit_use_double_quant: Annotated[Bool, param("also quantize the quantization constants (saves ~0.4 "
+                                                     "bit/param)")] = True
 
 
+@with_config(SCHEMA)
 @dataclass(frozen=True)
 class LoraParams:
-    r: int = 8
-    lora_alpha: int = 16
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    lora_dropout: float = 0.05
+    r: Annotated[Int, param("rank of the update matrices", gt=0)] = 8
+    lora_alpha: Annotated[Int, param("scaling numerator: the update is scaled by lora_alpha / r", gt=0)] = 16
+    target_modules: Annotated[Names, param("names of the linear layers that get adapters", min_length=1,
+                                           noun="module names, e.g. [q_proj, v_proj]")] = field(
+        default_factory=lambda: ["q_proj", "v_proj"])
+    lora_dropout: Annotated[Number, param("dropout on the adapter input", ge=0, lt=1)] = 0.05
 
 
+@with_config(SCHEMA)
 @dataclass(frozen=True)
 class DataParams:
-    source: str = "knkarthick/samsum"
-    revision: str = "main"
-    dialogue_column: str = "dialogue"
-    summary_column: str = "summary"
-    id_column: str = "id"
-    train_samples: int | None = None
-    validation_samples: int | None = None
-    test_samples: int | None = None
+    source: Annotated[Str, param("hub dataset id, or a local file/folder (json, jsonl, csv, parquet; README, Data "
+                                 "sources)", noun="a hub dataset id or a local path",
+                                 min_length=1)] = "knkarthick/samsum"
+    revision: Annotated[Str, param("hub branch, tag or commit of the dataset (ignored for local files)")] = "main"
+    dialogue_column: Annotated[Str, param("column holding the conversation", noun="a column name",
+                                          min_length=1)] = "dialogue"
+    summary_column: Annotated[Str, param("column holding the reference summary", noun="a column name",
+                                         min_length=1)] = "summary"
+    id_column: Annotated[Str, param("column holding a row id; optional in the data: a stable id is derived from the "
+                                    "text when absent", noun="a column name", min_length=1)] = "id"
+    train_samples: Annotated[Int | None, param("rows of the train split: N = a seeded sample of N rows",
+                                               means="all rows", gt=0)] = None
+    validation_samples: Annotated[Int | None, param("rows of the validation split, as train_samples",
+                                                    means="all rows", gt=0)] = None
+    test_samples: Annotated[Int | None, param("rows of the test split, as train_samples", means="all rows",
+                                              gt=0)] = None
 
 
+@with_config(SCHEMA)
 @dataclass(frozen=True)
 class PromptParams:
-    instruction: str = "Summarize this dialogue in one or two sentences."
-    max_length: int = 512
-    date_string: str = "26 Jul 2024"
+    instruction: Annotated[Str, param("the user turn, followed by the dialogue")] = (
+        "Summarize this dialogue in one or two sentences.")
+    max_length: Annotated[Int, param("tokens per training example; long dialogues are shortened, never the summary",
+                                     note="tokens", ge=16)] = 512
+    date_string: Annotated[Str, param("fixed date for chat templates that print today's date (Llama 3.x)")] = (
+        "26 Jul 2024")
 
 
+@with_config(SCHEMA)
 @dataclass(frozen=True)
 class TrainingParams:
-    num_train_epochs: float = 1
-    max_steps: int = -1
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    num_processes: int = 1
-    max_tokens_per_micro_batch: int | None = 8192
-    learning_rate: float = 2e-4
-    lr_scheduler_type: str = "linear"
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    save_strategy: str = "steps"
-    save_steps: int = 100
-    save_total_limit: int = 2
-    eval_steps: int = 100
-    per_device_eval_batch_size: int = 8
-    optim: str = "paged_adamw_8bit"
-    gradient_checkpointing: bool = False
-    padding_free: bool = True
-    dequantize: bool = True
-    upcast_frozen: bool = False
-    compile: bool = True
-    max_memory_gib: float | None = None
+    num_train_epochs: Annotated[Number, param("passes over the training split", gt=0)] = 1.0
+    max_steps: Annotated[Literal[-1] | Annotated[Int, Field(gt=0)], param(
+        "> 0 stops after this many optimizer steps instead (quick runs)", means="use num_train_epochs")] = -1
+    per_device_train_batch_size: Annotated[Int, param(
+        "sequences per process and micro-batch; sequences per optimizer step = this x gradient_accumulation_steps, "
+        "split between the processes", gt=0)] = 16
+    gradient_accumulation_steps: Annotated[Int, param(
+        "micro-batches per optimizer step (16 x 1: the tutorial's 4 x 4 loss, in one pass)", gt=0)] = 1
+    num_processes: Annotated[Int, param(
+        "data-parallel processes, one per GPU, for training and both evaluations; the train batch size must divide "
+        "by it (README, Several GPUs)", note="data-parallel processes: one per GPU", gt=0)] = 1
+    max_tokens_per_micro_batch: Annotated[Int | None, param(
+        "a micro-batch of more tokens (padded: rows x longest row) runs as several forward/backward passes cut "
+        "between examples: the same loss and gradients, less memory, slower (README, Performance)",
+        means="one pass per micro-batch", note="tokens", gt=0)] = 8192
+    learning_rate: Annotated[Number, param("peak learning rate", gt=0)] = 2e-4
+    lr_scheduler_type: Annotated[Str, param("any transformers scheduler name: linear | cosine | "
+                                            "constant_with_warmup | ...")] = "linear"
+    warmup_steps: Annotated[Int, param("optimizer steps of warmup to the peak learning rate", ge=0)] = 50
+    weight_decay: Annotated[Number, param("AdamW weight decay", ge=0)] = 0.0
+    max_grad_norm: Annotated[Number, param("gradient clipping norm", note="0 disables clipping", ge=0)] = 1.0
+    logging_steps: Annotated[Int, param("train loss is logged (and plotted) every N optimizer steps", gt=0)] = 10
+    save_strategy: Annotated[Literal["steps", "epoch", "no"], param("when checkpoints are written")] = "steps"
+    save_steps: Annotated[Int, param("checkpoint into models/checkpoints/ every N steps (resume after "
+                                     "interruption)", gt=0)] = 100
+    save_total_limit: Annotated[Int, param("checkpoints kept on disk", gt=0)] = 2
+    eval_steps: Annotated[Int, param("validation loss every N steps", gt=0)] = 100
+    per_device_eval_batch_size: Annotated[Int, param(
+        "validation examples per pass when max_tokens_per_micro_batch is null; with a cap, a pass takes whole "
+        "examples up to it", gt=0)] = 8
+    optim: Annotated[Str, param("any transformers optimizer; on CPU adamw_torch is used instead (said in the "
+                                "log)")] = "paged_adamw_8bit"
+    padding_free: Annotated[Bool, param("lay a micro-batch's examples end to end, each attending only to itself; "
+                                        "false = pad to the longest example, as the tutorial did")] = True
+    dequantize: Annotated[Bool, param("train over the NF4 base unpacked once to the compute dtype: the same "
+                                      "weights, faster, 2 bytes/weight instead of ~0.6; false = the 4-bit "
+                                      "kernels")] = True
+    compile: Annotated[Bool, param("torch.compile the decoder layers (CUDA only): ~1.5x faster, less activation "
+                                   "memory, 20-30 s of compiling; false = eager")] = True
+    gradient_checkpointing: Annotated[Bool, param("recompute activations in the backward pass: ~half the memory, "
+                                                  "~1.8x slower")] = False
+    upcast_frozen: Annotated[Bool, param("frozen embeddings and norms in float32 (peft's "
+                                         "prepare_model_for_kbit_training): slower, and more memory")] = False
+    max_memory_gib: Annotated[Number | None, param(
+        "GPU memory the stage may use; when the switches above would not fit, the stage picks the fastest "
+        "settings that do and says so (README, Performance)", means="the GPU's memory", unit="GiB",
+        note="e.g. 16", gt=1)] = None
 
 
+@with_config(SCHEMA)
 @dataclass(frozen=True)
 class EvalParams:
-    max_new_tokens: int = 64
-    batch_size: int = 256
-    max_samples: int | None = None
-    dequantize: bool = True
-    max_memory_gib: float | None = None
+    max_new_tokens: Annotated[Int, param("generation budget per summary (SAMSum summaries are ~25 tokens)",
+                                         gt=0)] = 64
+    batch_size: Annotated[Int, param("dialogues generated together (sorted by length, left-padded)", gt=0)] = 256
+    max_samples: Annotated[Int | None, param("rows of the test split to evaluate: N = its first N (quick runs)",
+                                             means="the whole test split", gt=0)] = None
+    dequantize: Annotated[Bool, param("generate with the 4-bit base unpacked to the compute dtype and the adapter "
+                                      "merged in: the same weights, several times faster; false = 4-bit "
+                                      "kernels")] = True
+    max_memory_gib: Annotated[Number | None, param(
+        "GPU memory for generation; the 4-bit base and smaller batches are used when the settings above would not "
+        "fit", means="the GPU's memory", unit="GiB", note="e.g. 16", gt=1)] = None
 
 
+@with_config(SCHEMA)
 @dataclass(frozen=True)
 class Params:
-    seed: int = 42
-    model: ModelParams = field(default_factory=ModelParams)
-    quantization: QuantizationParams = field(default_factory=QuantizationParams)
-    lora: LoraParams = field(default_factory=LoraParams)
-    data: DataParams = field(default_factory=DataParams)
-    prompt: PromptParams = field(default_factory=PromptParams)
-    training: TrainingParams = field(default_factory=TrainingParams)
-    eval: EvalParams = field(default_factory=EvalParams)
+    seed: Annotated[Int, param("seeds sampling, LoRA initialisation, data order and dropout")] = 42
+    model: Annotated[ModelParams, param("the base model and its tokenizer")] = field(default_factory=ModelParams)
+    quantization: Annotated[QuantizationParams, param("the frozen base in 4 bit")] = field(
+        default_factory=QuantizationParams)
+    lora: Annotated[LoraParams, param("the adapters")] = field(default_factory=LoraParams)
+    data: Annotated[DataParams, param("where the dialogues come from")] = field(default_factory=DataParams)
+    prompt: Annotated[PromptParams, param("how a dialogue becomes a prompt")] = field(default_factory=PromptParams)
+    training: Annotated[TrainingParams, param("the train stage")] = field(default_factory=TrainingParams)
+    eval: Annotated[EvalParams, param("the two evaluation stages")] = field(default_factory=EvalParams)
 
 
-# Range checks: key -> (predicate, what is accepted). Types are checked from the annotations.
-def _positive(v: Any) -> bool:
-    return v is None or v > 0
-
-
-RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "quantization.bnb_4bit_compute_dtype": (lambda v: v in COMPUTE_DTYPES, f"one of {', '.join(COMPUTE_DTYPES)}"),
-    "quantization.bnb_4bit_quant_type": (lambda v: v in QUANT_TYPES, f"one of {', '.join(QUANT_TYPES)}"),
-    "lora.r": (_positive, "an integer > 0"),
-    "lora.lora_alpha": (_positive, "a number > 0"),
-    "lora.target_modules": (lambda v: len(v) > 0 and all(v), "a non-empty list of module names, e.g. [q_proj, v_proj]"),
-    "lora.lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "data.source": (bool, "a hub dataset id or a local path"),
-    "data.dialogue_column": (bool, "a column name"),
-    "data.summary_column": (bool, "a column name"),
-    "data.id_column": (bool, "a column name"),
-    "data.train_samples": (_positive, "null (all rows) or an integer > 0"),
-    "data.validation_samples": (_positive, "null (all rows) or an integer > 0"),
-    "data.test_samples": (_positive, "null (all rows) or an integer > 0"),
-    "model.base_model": (bool, "a hub model id or a local directory"),
-    "model.revision": (bool, "a branch, tag or commit"),
-    "prompt.max_length": (lambda v: v >= 16, "an integer >= 16 (tokens)"),
-    "training.num_train_epochs": (lambda v: v > 0, "a number > 0"),
-    "training.max_steps": (lambda v: v == -1 or v > 0, "-1 (use num_train_epochs) or an integer > 0"),
-    "training.per_device_train_batch_size": (_positive, "an integer > 0"),
-    "training.gradient_accumulation_steps": (_positive, "an integer > 0"),
-    "training.num_processes": (_positive, "an integer > 0 (data-parallel processes: one per GPU)"),
-    "training.max_tokens_per_micro_batch": (_positive, "null (one pass per micro-batch) or an integer > 0 (tokens)"),
-    "training.learning_rate": (_positive, "a number > 0"),
-    "training.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "training.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "training.max_grad_norm": (lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
-    "training.logging_steps": (_positive, "an integer > 0"),
-    "training.save_strategy": (lambda v: v in SAVE_STRATEGIES, f"one of {', '.join(SAVE_STRATEGIES)}"),
-    "training.save_steps": (_positive, "an integer > 0"),
-    "training.save_total_limit": (_positive, "an integer > 0"),
-    "training.eval_steps": (_positive, "an integer > 0"),
-    "training.per_device_eval_batch_size": (_positive, "an integer > 0"),
-    "training.max_memory_gib": (lambda v: v is None or v > 1,
-                                "null (the GPU's memory) or a number of GiB > 1 (e.g. 16)"),
-    "eval.max_memory_gib": (lambda v: v is None or v > 1, "null (the GPU's memory) or a number of GiB > 1 (e.g. 16)"),
-    "eval.max_new_tokens": (_positive, "an integer > 0"),
-    "eval.batch_size": (_positive, "an integer > 0"),
-    "eval.max_samples": (_positive, "null (the whole test split) or an integer > 0"),
-}
-
-
-def _type_name(tp: Any) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if typing.get_origin(tp) is list:
-        return "a list of strings" if args[0] is str else f"a list of {_type_name(args[0])}"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Return `value` checked against the annotation `tp` (ints are accepted where numbers are)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(key, value, inner)
-    if origin is list:
-        if isinstance(value, str):  # a single name given on the CLI: -S lora.target_modules=q_proj
-            value = [value]
-        if not isinstance(value, list):
-            raise _type_error(key, value, tp)
-        return [_coerce(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise _type_error(key, value, tp) from None
-    ok = (
-        isinstance(value, bool) if tp is bool
-        else isinstance(value, int) and not isinstance(value, bool) if tp is int
-        else isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float
-        else isinstance(value, str) if tp is str
-        else False
-    )
-    if not ok:
-        raise _type_error(key, value, tp)
-    return float(value) if tp is float else value
-
-
-def _type_error(key: str, value: Any, tp: Any) -> PipelineError:
-    return PipelineError(f"{PARAMS_FILE}: {key} is {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{PARAMS_FILE}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in raw.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.4)
-            hint = f"did you mean {prefix}{close[0]}? " if close else ""
-            hint += f"known keys{' of ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"
-            raise PipelineError(f"{PARAMS_FILE}: unknown key {full}; {hint}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            values[key] = _build(tp, value, f"{full}.")
-            continue
-        value = _coerce(full, value, tp)
-        rule = RULES.get(full)
-        if rule and not rule[0](value):
-            raise PipelineError(f"{PARAMS_FILE}: {full} is {value!r}; expected {rule[1]}")
-        values[key] = value
-    return cls(**values)
+_VALIDATOR = TypeAdapter(Params)
 
 
 def parse_params(raw: Any) -> Params:
     """Validate a params mapping (as read from YAML) into typed Params; missing keys take the defaults."""
-    return _build(Params, raw, "")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{PARAMS_FILE}: the file must be a mapping of keys, got {raw!r}")
+    sections = {name for name, f in fields_of(Params).items() if dataclasses.is_dataclass(f.annotation)}
+    raw = {key: {} if key in sections and value is None else value for key, value in raw.items()}  # `model:` alone
+    try:
+        return _VALIDATOR.validate_python(raw)
+    except ValidationError as err:
+        raise PipelineError(f"{PARAMS_FILE}: {one_line_error(Params, raw, err)}") from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
@@ -248,3 +234,12 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except yaml.YAMLError as err:
         raise PipelineError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     return parse_params(raw)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m samsum_qlora.params", description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print docs/params.md, the params reference")
+    if parser.parse_args().markdown:
+        print(reference_markdown(Params), end="")
+    else:
+        parser.print_help()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -30,9 +31,10 @@ def tiny_tokenizer():
 
 
 def offline_params(**sections: dict) -> dict:
-    """params.yaml with the offline profile laid over it, and `sections` laid over that."""
+    """The schema's defaults (the committed params.yaml, whatever the workspace's holds) with the offline profile
+    laid over them, and `sections` laid over that."""
     from offline.run import merge
+    from samsum_qlora.params import Params
 
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(
-        (ROOT / "offline" / "params.yaml").read_text()))
-    return merge(params, sections)
+    profile = yaml.safe_load((ROOT / "offline" / "params.yaml").read_text())
+    return merge(merge(dataclasses.asdict(Params()), profile), sections)

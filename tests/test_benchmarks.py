@@ -3,6 +3,7 @@ benchmarks in --tiny form."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks import (
@@ -27,9 +29,18 @@ from benchmarks.lengths import IGNORE_INDEX, SAMSUM, examples_for, ordinary_toke
 from benchmarks.llama_shaped import SHAPES, build_llama_1b_shaped, default_tokenizer_dir
 from benchmarks.samsum_size import build_splits, template_lengths
 from conftest import TINY_MODEL
-from samsum_qlora.params import PromptParams
+from samsum_qlora.params import Params, PromptParams
 
 HEADER_KEYS = {"benchmark", "date", "device", "gpus", "versions", "peak_memory", "source", "config", "results"}
+
+
+@pytest.fixture(autouse=True)
+def committed_params(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The benchmarks measure params.yaml's values; here the schema's defaults, not an experiment left in the workspace.
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(Params()), sort_keys=False), encoding="utf-8")
+    for module in (bench_eval, bench_loop, bench_memory, bench_train):
+        monkeypatch.setattr(module, "PROJECT_PARAMS", path)
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,18 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.params import Params, load_params, parse_params
+from samsum_qlora.params_text import fields_of, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_params_are_the_default_job():
-    params = load_params(ROOT / "params.yaml")
+    params = Params()  # the schema's defaults; the next test checks that params.yaml holds the same
     assert params.model.base_model == "meta-llama/Llama-3.2-1B-Instruct"
     assert params.quantization.use_4bit and params.quantization.bnb_4bit_quant_type == "nf4"
     assert params.quantization.bnb_4bit_use_double_quant and params.quantization.bnb_4bit_compute_dtype == "bfloat16"
@@ -21,6 +24,78 @@ def test_shipped_params_are_the_default_job():
     assert (t.learning_rate, t.warmup_steps, t.logging_steps, t.save_steps, t.eval_steps) == (2e-4, 50, 10, 100, 100)
     assert t.optim == "paged_adamw_8bit"
     assert params.data.source == "knkarthick/samsum"
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def test_committed_params_yaml_holds_the_schema_defaults():
+    # The one test that reads the workspace's params.yaml: the file a clone gets must be the schema's defaults.
+    shipped = _leaves(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+    defaults = _leaves(dataclasses.asdict(Params()))
+    for key in [*defaults, *(k for k in shipped if k not in defaults)]:
+        in_file, default = shipped.get(key, "(missing)"), defaults.get(key, "(not in the schema)")
+        same_type = type(in_file) is type(default) or (type(default), type(in_file)) == (float, int)
+        assert in_file == default and same_type, (
+            f"params.yaml differs from the schema defaults at {key}: {in_file!r} in the file, {default!r} in "
+            "samsum_qlora/params.py. If you applied an experiment, `git checkout params.yaml`; if you meant to "
+            "change the default, change it in both (and regenerate docs/params.md)")
+    assert list(shipped) == list(defaults), "params.yaml lists its keys in another order than samsum_qlora/params.py"
+
+
+def test_docs_params_md_is_generated_from_the_schema():
+    committed = (ROOT / "docs" / "params.md").read_text(encoding="utf-8")
+    assert committed == reference_markdown(Params), (
+        "docs/params.md is out of date: `python -m samsum_qlora.params --markdown > docs/params.md`")
+
+
+def test_every_key_says_what_it_does():
+    sections = [Params, *(f.annotation for f in fields_of(Params).values() if dataclasses.is_dataclass(f.annotation))]
+    for section in sections:
+        for name, field in fields_of(section).items():
+            assert field.description, f"{section.__name__}.{name} has no description"
+
+
+def test_params_stay_plain_dataclasses():
+    # The stages and benchmarks change params with dataclasses.replace and hash them with asdict (resume).
+    params = parse_params({"lora": {"r": 4}})
+    changed = dataclasses.replace(params, training=dataclasses.replace(params.training, max_steps=3))
+    assert changed.training.max_steps == 3 and changed.lora.r == 4 and params.training.max_steps == -1
+    assert dataclasses.asdict(changed)["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.seed = 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"lora": {"rnak": 1, "r": 0}}, "params.yaml: unknown key lora.rnak; did you mean lora.r?"),
+        ({"lora": {"r": 0, "rnak": 1}}, "params.yaml: lora.r is 0; expected an integer > 0"),
+        ({"lora": {"target_modules": ["q_proj", ""]}}, "lora.target_modules is ['q_proj', '']; expected a non-empty"),
+        ({"lora": {"target_modules": ["", 3]}}, "lora.target_modules[1] is 3 (int); expected a string"),
+        ({"training": {"max_steps": "x"}}, "training.max_steps is 'x' (str); expected an integer"),
+        ({"training": {"max_steps": True}}, "training.max_steps is True (bool); expected an integer"),
+        ({"training": {"save_strategy": 5}}, "training.save_strategy is 5 (int); expected a string"),
+        ({"training": {"max_memory_gib": 1}}, "training.max_memory_gib is 1.0; expected null (the GPU's memory) or "
+                                              "a number of GiB > 1 (e.g. 16)"),
+        ({"eval": {"max_samples": 1.5}}, "eval.max_samples is 1.5 (float); expected an integer"),
+        ({"data": {"source": ""}}, "data.source is ''; expected a hub dataset id or a local path"),
+        (["seed"], "params.yaml: the file must be a mapping of keys, got ['seed']"),
+    ],
+)
+def test_the_first_problem_in_the_file_is_the_one_reported(raw, message):
+    with pytest.raises(PipelineError) as err:
+        parse_params(raw)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_empty_section_takes_its_defaults():
+    assert parse_params({"model": None, "eval": {}}) == Params()
+    assert parse_params(None) == Params()
 
 
 def test_missing_keys_take_defaults_and_numbers_coerce():

@@ -88,7 +88,7 @@ KEY_METRICS = ["train_loss", "eval_loss", "tokens_per_s", "peak_memory_gib", "ru
 
 
 def test_offline_pipeline_end_to_end(tmp_path):
-    default_params = (ROOT / "params.yaml").read_text()
+    default_params = git(ROOT, "show", "HEAD:params.yaml")  # the committed file, not the workspace's experiment
     repo = make_project(tmp_path / "repo", yaml.safe_load(default_params))
     (repo / "params.yaml").write_text(default_params)  # the committed file, comments included
     commit_all(repo, "default params")

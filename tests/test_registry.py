@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import yaml
 
 from conftest import ROOT, dvc_env, make_project
 from samsum_qlora.evaluation.card_metadata import NAME
+from samsum_qlora.params import Params
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 READ_ARTIFACTS = """
@@ -40,7 +42,7 @@ def test_the_registered_model_is_what_the_train_stage_writes():
 def test_dvc_reads_the_entry_and_gto_registers_a_version_of_it(tmp_path):
     """In a throwaway copy of the project: DVC parses dvc.yaml with its own schema and lists the artifact, and
     gto (which `dvc artifacts get` asks for versions) registers one and lists it, all without network."""
-    repo = make_project(tmp_path / "repo", yaml.safe_load((ROOT / "params.yaml").read_text()))
+    repo = make_project(tmp_path / "repo", dataclasses.asdict(Params()))
     env = dvc_env(repo)
     # DVC has no command that lists artifacts; its API does (in a process of its own: DVC's logging and pytest's
     # capture of stderr do not mix).
