@@ -12,7 +12,6 @@ taking whole batches of the one-process plan, so the predictions are the same by
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import tempfile
 import time
@@ -29,8 +28,9 @@ from samsum_qlora.data.prompt import end_of_turn_ids, generation_prompt_ids
 from samsum_qlora.errors import PipelineError, run_stage
 from samsum_qlora.evaluation.scoring import ROUGE_KEYS, score_corpus
 from samsum_qlora.files import read_jsonl, write_json, write_jsonl
-from samsum_qlora.memory import Shape, adopt, budget_gib, plan_generation
-from samsum_qlora.model.loading import DevicePolicy, choose_device, load_base_model, load_config, load_tokenizer
+from samsum_qlora.memory.budget import plan_memory
+from samsum_qlora.memory.planning import EvalPlan
+from samsum_qlora.model.loading import DevicePolicy, choose_device, load_base_model, load_tokenizer
 from samsum_qlora.params import Params, load_params
 
 log = logging.getLogger(__name__)
@@ -185,15 +185,17 @@ def summarize_generations(
     return per_example, metrics
 
 
-def load_for_generation(params: Params, policy: DevicePolicy, adapter: str | None) -> torch.nn.Module:
-    """The base model (with the adapter, if given) ready for generation.
+def load_for_generation(params: Params, policy: DevicePolicy, adapter: str | None,
+                        plan: EvalPlan | None = None) -> torch.nn.Module:
+    """The base model (with the adapter, if given) ready for generation, unpacked as the memory plan says (None: as
+    eval.dequantize says).
 
     With eval.dequantize, the 4-bit weights are unpacked once to the compute dtype and the adapter is merged
     into them: the weights the adapter was trained against, without a dequantization in every matmul of
     every generated token (the 4-bit kernels' cost at generation time).
     """
     model = load_base_model(params.model, params.quantization, policy)
-    unpack = params.eval.dequantize and params.quantization.use_4bit
+    unpack = (plan or EvalPlan.as_set(params.eval)).dequantize and params.quantization.use_4bit
     if unpack:
         model = model.dequantize(dtype=policy.compute_dtype)
     if adapter:
@@ -250,38 +252,22 @@ def evaluate(which: str, parts: str | None = None) -> None:
 
 def model_and_prompts(params: Params, dialogues: list[str], adapter: str | None) -> tuple:
     """The model ready for generation (with `adapter`, if given), its tokenizer, the dialogues' prompts, the stop ids
-    and the eval params as planned for the memory budget: what the evaluation and `stages.summarize` generate
-    with."""
+    and the memory plan (batch size, dequantize) for eval.max_memory_gib: what the evaluation and `stages.summarize`
+    generate with."""
     policy = choose_device(params.quantization)
     log.info("device: %s", policy.reason)
     tokenizer = load_tokenizer(params.model)
     prompts = [generation_prompt_ids(tokenizer, params.prompt.instruction, d, params.prompt.date_string)
                for d in dialogues]
-    params = plan_memory(params, policy, max(map(len, prompts), default=1))
-    model = load_for_generation(params, policy, adapter)
-    return model, tokenizer, prompts, stop_token_ids(tokenizer, model, params.prompt.date_string), params.eval
-
-
-def plan_memory(params: Params, policy: DevicePolicy, longest_prompt: int) -> Params:
-    """The params with the generation settings that fit eval.max_memory_gib (else the GPU's memory); for an
-    explicit budget, torch's allocator held to it (samsum_qlora/memory.py). The plan depends on the budget and the
-    longest prompt only, so every process of a several-process evaluation cuts the same batches."""
-    budget, source = budget_gib(params.eval.max_memory_gib, policy.device)
-    if budget is None:
-        return params
-    plan = plan_generation(
-        Shape.from_config(load_config(params.model)), params.eval, budget, use_4bit=params.quantization.use_4bit,
-        element=policy.compute_dtype.itemsize, longest_prompt=longest_prompt,
-        double_quant=params.quantization.bnb_4bit_use_double_quant,
-    )
-    adopt(plan, source, params.eval.max_memory_gib, policy.device, log)
-    return dataclasses.replace(params, eval=plan.apply(params.eval))
+    plan = plan_memory(params, policy, longest_prompt=max(map(len, prompts), default=1))
+    model = load_for_generation(params, policy, adapter, plan)
+    return model, tokenizer, prompts, stop_token_ids(tokenizer, model, params.prompt.date_string), plan
 
 
 def generate_all(params: Params, dialogues: list[str], adapter: str | None) -> list[Generation]:
     """Greedy generations for `dialogues` in this process, in their order."""
     model, tokenizer, prompts, stops, planned = model_and_prompts(params, dialogues, adapter)
-    return generate(model, tokenizer, prompts, planned.max_new_tokens, planned.batch_size, stops)
+    return generate(model, tokenizer, prompts, params.eval.max_new_tokens, planned.batch_size, stops)
 
 
 def _adapter_of(which: str) -> str | None:
