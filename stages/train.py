@@ -3,12 +3,11 @@
     python -m stages.train      (or: dvc repro train)
 
 Reads data/tokenized/; writes models/adapter/ (LoRA adapter + tokenizer, loadable with
-`PeftModel.from_pretrained(base, "models/adapter")`), metrics/train.json, metrics/train_run.json and the training
-curves under metrics/curves/. Checkpoints go to models/checkpoints/; a later run with the same params and data
-resumes from the newest one (samsum_qlora/training/checkpoints.py). The Trainer is built by
-samsum_qlora/training/setup.py, within the memory plan for training.max_memory_gib (samsum_qlora/memory/); steps
-run in passes of at most the plan's token cap (samsum_qlora/training/microbatch.py); a run that still runs out of GPU
-memory stops with one line saying what to lower, and resumes from its last checkpoint after that change.
+`PeftModel.from_pretrained(base, "models/adapter")`), metrics/train.json, metrics/train_run.json and the curves
+under metrics/curves/. Checkpoints go to models/checkpoints/; a later run with the same params and data resumes
+from the newest one (samsum_qlora/training/checkpoints.py). samsum_qlora/training/setup.py builds the Trainer
+within the memory plan for training.max_memory_gib (samsum_qlora/memory/); a run that still runs out of GPU memory
+stops with one line saying what to lower, and resumes from its last checkpoint after that change.
 """
 
 from __future__ import annotations
@@ -81,16 +80,17 @@ def train(params: Params) -> None:
     """The stage in this process: all of it, or this process's share when it is one of several workers."""
     distributed.quiet_replicas()
     data = load_tokenized()
+    has_eval = "validation" in data and len(data["validation"]) > 0
+    run = prepare_training(params, data["train"], data["validation"] if has_eval else None)
+    trainer, model, plan = run.trainer, run.model, run.plan
     fingerprint = run_fingerprint(params, TOKENIZED)
     # A worker reads the folder its launching process prepared.
     resume_from = resumable_checkpoint(fingerprint) if distributed.in_worker() else checkpoint_to_resume(fingerprint)
     if resume_from and not distributed.in_worker():  # else said by the launching process
         log.info("resuming from %s", resume_from)
     callbacks = curves_callback(resume=bool(resume_from)) if distributed.is_main() else []
-    has_eval = "validation" in data and len(data["validation"]) > 0
-    run = prepare_training(params, data["train"], data["validation"] if has_eval else None, callbacks)
-    trainer, model, plan = run.trainer, run.model, run.plan
-    trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit packed weights at their real size
+    for callback in callbacks:
+        trainer.add_callback(callback)
     start = time.perf_counter()
     try:
         result, tokens = train_resuming(trainer, resume_from)  # tokens of all processes
@@ -115,15 +115,15 @@ def train(params: Params) -> None:
     checkpointed_mean = (sum(layers for *_, layers in per_process) / max(1, micro_batches)
                          if trainer.layers_to_checkpoint else None)
     t = params.training
-    # Short names: `dvc exp show` opens with these columns, and a terminal is 160 characters wide.
+    trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit packed weights at their real size
+    # Short names: `dvc exp show` opens with these columns, and a terminal is 160 characters wide (hence no process
+    # count here: it is the training.num_processes column, and num_processes below).
     write_json(TRAIN_METRICS, {
         "train_loss": round(losses[-1], 4) if losses else None,
         "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
         "tokens_per_s": round(tokens / runtime, 1),  # all processes together
         "peak_memory_gib": max(peak for peak, *_ in per_process),  # of the fullest GPU (or process on CPU)
         "runtime_s": round(runtime, 2),
-        # The process count is the training.num_processes column of `dvc exp show` and num_processes below:
-        # one more metric column would push the ROUGE columns past a 160-column terminal.
     })
     write_json(TRAIN_RUN, {
         "train_loss_mean": round(result.training_loss, 4),
