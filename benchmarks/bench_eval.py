@@ -37,7 +37,9 @@ from transformers import AutoConfig, GenerationConfig
 from benchmarks import report
 from benchmarks.lengths import examples_for, prompts_of
 from benchmarks.llama_shaped import SHAPES, benchmark_model
-from samsum_qlora.evaluation.generation import generate, plan_memory
+from samsum_qlora.evaluation.generation import generate
+from samsum_qlora.memory.budget import plan_memory
+from samsum_qlora.memory.planning import EvalPlan
 from samsum_qlora.model.adapter import load_for_generation
 from samsum_qlora.model.loading import choose_device, load_tokenizer
 from samsum_qlora.params import Params, parse_params
@@ -67,20 +69,21 @@ def time_project(
     report.reset_memory()
     started = time.perf_counter()
     tokenizer = load_tokenizer(params.model)
+    plan = EvalPlan.as_set(params.eval)
     if setup == "project":  # eval.max_memory_gib (else the GPU's memory), as the evaluate stage plans it
-        params = plan_memory(params, policy, max(map(len, prompts)))
-    model = load_for_generation(params, policy, adapter=None)
+        plan = plan_memory(params, policy, longest_prompt=max(map(len, prompts)))
+    model = load_for_generation(params, policy, adapter=None, plan=plan)
     report.synchronize()
     loaded = time.perf_counter()
-    generations = generate(model, tokenizer, prompts, max_new_tokens, params.eval.batch_size, [never])
+    generations = generate(model, tokenizer, prompts, max_new_tokens, plan.batch_size, [never])
     report.synchronize()
     done = time.perf_counter()
     new_tokens = [g.new_tokens for g in generations]
     seconds = done - started
     return model, {
         "setup": setup,
-        "batch_size": params.eval.batch_size,
-        "dequantize": params.eval.dequantize,
+        "batch_size": plan.batch_size,
+        "dequantize": plan.dequantize,
         "examples": len(prompts),
         "timed_examples": len(prompts),
         "extrapolated": False,

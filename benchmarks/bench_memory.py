@@ -3,9 +3,9 @@
     python -m benchmarks.bench_memory [--caps null,8192,4096,2560] [--checkpointing] [--tiny] [--out DIR]
 
 A pass's activations grow with its tokens, so an epoch's peak is set by its heaviest steps, not its average one.
-This runs the stage's own Trainer (stages.train.build_trainer, the summary loss, packed attention, compiled
-layers on CUDA) on the Llama-3.2-1B-shaped model over 10 typical steps of 16 SAMSum-length examples (drawn from
-the 65th-95th length percentiles: ~4,700 tokens, the real epoch's mean) and 10 heavy ones (the longest 10 %:
+This runs the stage's own Trainer (samsum_qlora.training.trainer.build_trainer, the summary loss, packed attention,
+compiled layers on CUDA) on the Llama-3.2-1B-shaped model over 10 typical steps of 16 SAMSum-length examples (drawn
+from the 65th-95th length percentiles: ~4,700 tokens, the real epoch's mean) and 10 heavy ones (the longest 10 %:
 ~7,000 tokens, its longest steps), once per setting of training.max_tokens_per_micro_batch (and once with
 gradient checkpointing), all in one process on one model so that compiling is paid once. The base is loaded
 unquantized in bf16, which is what training.dequantize makes of the NF4 base (same size, same matmuls).
@@ -30,9 +30,11 @@ from benchmarks import report
 from benchmarks.lengths import examples_for
 from benchmarks.llama_shaped import benchmark_model
 from offline.run import merge
+from samsum_qlora.memory.planning import TrainPlan
 from samsum_qlora.model.loading import choose_device, load_base_model, load_tokenizer
+from samsum_qlora.model.lora import add_lora, enable_checkpointing
 from samsum_qlora.params import PARAMS_FILE, parse_params
-from stages.train import add_lora, build_trainer, enable_checkpointing
+from samsum_qlora.training.trainer import build_trainer
 
 log = logging.getLogger("benchmarks.bench_memory")
 
@@ -118,11 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, switches in settings:
         if name.startswith("checkpointing"):
             enable_checkpointing(model.get_base_model())
-        run_params = replace(params, training=replace(params.training, **switches))
+        plan = replace(TrainPlan.as_set(params.training), **switches)  # no budget: the switches as this setting says
         ref: list = []
         meter = StepMeter(ref)
-        trainer = build_trainer(run_params, policy, model, tokenizer, dataset, None, [meter],
-                                output_dir=str(Path(args.out) / ".bench_memory_trainer"))
+        trainer = build_trainer(params, policy, model, tokenizer, dataset, None, [meter],
+                                output_dir=str(Path(args.out) / ".bench_memory_trainer"), plan=plan)
         ref.append(trainer)
         trainer._get_train_sampler = lambda *a, **k: SequentialSampler(dataset)  # the steps in the order built
         trainer.train()

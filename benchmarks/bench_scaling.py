@@ -3,11 +3,11 @@
     python -m benchmarks.bench_scaling [--processes 1,2] [--modes strong,weak] [--steps 20] [--warmup 5] [--tiny]
                                        [--out benchmarks/results] [--model-dir DIR] [--set training.key=value ...]
 
-Each run trains bench_train's `project` setup (the Trainer stages.train builds, with params.yaml's values, on the
-random Llama-3.2-1B-shaped model and synthetic SAMSum-length examples) for warm-up + timed optimizer steps on N
-data-parallel processes, started as the train stage starts them with training.num_processes = N
-(samsum_qlora.distributed: accelerate's launcher, one process per GPU, gloo processes without CUDA); N = 1 runs
-as one process of its own.
+Each run trains bench_train's `project` setup (the train stage's Trainer, built by samsum_qlora.training.setup,
+with params.yaml's values, on the random Llama-3.2-1B-shaped model and synthetic SAMSum-length examples) for
+warm-up + timed optimizer steps on N data-parallel processes, started as the train stage starts them with
+training.num_processes = N (samsum_qlora.distributed: accelerate's launcher, one process per GPU, gloo processes
+without CUDA); N = 1 runs as one process of its own.
 Every run starts fresh processes, so each peak is its own. A step's batch (training.per_device_train_batch_size)
 is split evenly between the processes:
 

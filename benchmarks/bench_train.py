@@ -259,14 +259,10 @@ def project_params(bench: Bench) -> Params:
 
 
 def project_trainer(bench: Bench, meter: ThroughputMeter) -> Trainer:
-    """(c) This project's train stage: the Trainer exactly as stages.train.main builds it."""
+    """(c) This project's train stage: the Trainer as the stage builds it (samsum_qlora.training.setup)."""
     # Imported here: a dependency only the train stage has (dvclive) then fails this setup, not the others.
-    from samsum_qlora.model.loading import choose_device, load_base_model, load_tokenizer
-    from stages import train
+    from samsum_qlora.training.setup import prepare_training
 
-    params = project_params(bench)
-    policy = choose_device(params.quantization, params.training.optim)
-    log.info("project: %s", policy.reason)
     dataset = Dataset.from_dict(  # the columns stages.tokenize_mask writes
         {
             "input_ids": [ex["input_ids"] for ex in bench.examples],
@@ -274,16 +270,12 @@ def project_trainer(bench: Bench, meter: ThroughputMeter) -> Trainer:
             "length": [len(ex["input_ids"]) for ex in bench.examples],
         }
     )
-    params, plan = train.plan_memory(params, policy, dataset)  # training.max_memory_gib, as the stage plans it
-    set_seed(params.seed)
-    tokenizer = load_tokenizer(params.model)
-    model = train.add_lora(load_base_model(params.model, params.quantization, policy), params, policy)
-    # Never the project's models/checkpoints.
-    trainer = train.build_trainer(params, policy, model, tokenizer, dataset, None, [meter],
-                                  output_dir=str(bench.scratch / "project"), plan=plan)
-    trainer.memory_plan = {**plan.describe(), "dequantize": params.training.dequantize,
-                           "max_tokens_per_micro_batch": params.training.max_tokens_per_micro_batch} if plan else None
-    return trainer
+    # training.max_memory_gib planned as the stage plans it; never the project's models/checkpoints.
+    training = prepare_training(project_params(bench), dataset, None, [meter],
+                                output_dir=str(bench.scratch / "project"))
+    log.info("project: %s", training.policy.reason)
+    training.trainer.memory_plan = training.plan.describe()
+    return training.trainer
 
 
 BUILDERS: dict[str, Callable[[Bench, ThroughputMeter], Trainer]] = {
@@ -294,7 +286,7 @@ BUILDERS: dict[str, Callable[[Bench, ThroughputMeter], Trainer]] = {
 
 
 def describe_trainer(trainer: Trainer) -> dict[str, Any]:
-    from stages.train import checkpointing_on
+    from samsum_qlora.model.lora import checkpointing_on
 
     args = trainer.args
     model = trainer.model

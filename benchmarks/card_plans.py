@@ -2,7 +2,7 @@
 
     python -m benchmarks.card_plans
 
-No GPU needed: these are the memory plans of samsum_qlora/memory.py (whose estimates are fitted to, and tested against,
+No GPU needed: these are the memory plans of samsum_qlora/memory/ (whose estimates are fitted to, and tested against,
 peaks measured on an H200) for SAMSum's lengths through the Llama 3 template, the default params otherwise, and
 a budget of the memory torch reports for each card. The largest step an epoch can hold (16 examples of 512
 tokens) must fit, and so must generation for test prompts of up to 512 tokens.
@@ -11,7 +11,8 @@ tokens) must fit, and so must generation for test prompts of up to 512 tokens.
 from __future__ import annotations
 
 from benchmarks.llama_shaped import SHAPES
-from samsum_qlora.memory import Shape, plan_generation, plan_training
+from samsum_qlora.memory.estimates import Shape
+from samsum_qlora.memory.planning import plan_generation, plan_training
 from samsum_qlora.params import EvalParams, TrainingParams
 
 # The memory torch reports for cards sold as 24, 48 and 80 GB (e.g. RTX 4090, RTX A6000, A100/H100 80GB), in GiB.

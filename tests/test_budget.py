@@ -1,4 +1,4 @@
-"""The memory budget (samsum_qlora.memory): estimates against peaks measured on a GPU, the plans it picks, its errors,
+"""The memory budget (samsum_qlora/memory/): estimates against peaks measured on a GPU, the plans it picks, its errors,
 and the train and evaluate stages applying it."""
 
 import json
@@ -12,13 +12,13 @@ from datasets import Dataset
 
 from benchmarks.card_plans import shape  # the Llama 3 shapes as the estimates read them
 from conftest import TINY_MODEL
-from samsum_qlora import memory as budget
 from samsum_qlora.errors import PipelineError
-from samsum_qlora.evaluation import generation
-from samsum_qlora.memory import GIB, Shape, plan_generation, plan_training, training_bytes
+from samsum_qlora.memory import budget, estimates
+from samsum_qlora.memory.budget import plan_memory
+from samsum_qlora.memory.estimates import GIB, Shape, training_bytes
+from samsum_qlora.memory.planning import EvalPlan, TrainPlan, plan_generation, plan_training
 from samsum_qlora.model.loading import DevicePolicy
 from samsum_qlora.params import EvalParams, Params, TrainingParams
-from stages import train
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 SAMSUM_LOSS_FRACTION = 0.155  # summary tokens of a SAMSum-length example through the Llama 3 template
@@ -83,7 +83,13 @@ def plan(name: str, gib: float, training: TrainingParams | None = None, **kw):
 
 def test_the_default_1b_job_on_a_large_card_is_left_as_it_is():
     chosen = plan("1B", 139.8)
-    assert chosen.changed == () and chosen.apply(TrainingParams()) == TrainingParams()
+    as_set = TrainPlan.as_set(TrainingParams())
+    assert chosen.changed == () and switches(chosen) == switches(as_set)
+
+
+def switches(plan: TrainPlan) -> tuple:
+    """The training switches a plan sets."""
+    return plan.dequantize, plan.gradient_checkpointing, plan.max_tokens_per_micro_batch
 
 
 PER_PASS = "training.gradient_checkpointing=true (per pass, of the layers the pass needs)"
@@ -115,7 +121,7 @@ def test_each_pass_checkpoints_the_fewest_layers_that_let_it_fit(name, gib):
                            loss_fraction=SAMSUM_LOSS_FRACTION)
 
     def gib_for(tokens: int, layers: int) -> float:
-        return budget._gib(fixed + tokens * budget.activation_bytes_per_token(s, 2, layers, SAMSUM_LOSS_FRACTION))
+        return estimates.gib(fixed + tokens * estimates.activation_bytes_per_token(s, 2, layers, SAMSUM_LOSS_FRACTION))
 
     counts = []
     for tokens in range(LONGEST, chosen.max_tokens_per_micro_batch + 1, 97):
@@ -132,14 +138,14 @@ def test_each_pass_checkpoints_the_fewest_layers_that_let_it_fit(name, gib):
 
 def test_checkpointing_by_layers_interpolates_none_and_all():
     s, loss = shape("8B"), SAMSUM_LOSS_FRACTION
-    none, every = (budget.activation_bytes_per_token(s, 2, c, loss) for c in (False, True))
-    assert budget.activation_bytes_per_token(s, 2, 0, loss) == none
-    assert budget.activation_bytes_per_token(s, 2, s.layers, loss) == every
+    none, every = (estimates.activation_bytes_per_token(s, 2, c, loss) for c in (False, True))
+    assert estimates.activation_bytes_per_token(s, 2, 0, loss) == none
+    assert estimates.activation_bytes_per_token(s, 2, s.layers, loss) == every
     # Each layer checkpointed keeps its input (hidden x 2 bytes) instead of all it saves (139,264 bytes for 8B).
-    layer, hidden = budget.layer_bytes_per_token(s, 2), s.hidden * 2
+    layer, hidden = estimates.layer_bytes_per_token(s, 2), s.hidden * 2
     assert layer == (6 * 4096 + 2 * 1024 + 3 * 14336) * 2
-    partial = budget.PARTIAL_BACKWARD_LAYERS * layer  # the backward temporaries of a layer, when some are kept
-    assert none - budget.activation_bytes_per_token(s, 2, 10, loss) == 10 * (layer - hidden) - partial
+    partial = estimates.PARTIAL_BACKWARD_LAYERS * layer  # the backward temporaries of a layer, when some are kept
+    assert none - estimates.activation_bytes_per_token(s, 2, 10, loss) == 10 * (layer - hidden) - partial
 
 
 def test_8b_on_a_24_gib_card_checkpoints_over_the_unpacked_base():
@@ -222,17 +228,17 @@ def test_train_stage_applies_the_plan_and_says_so(caplog, monkeypatch):
     params = _params(TINY_MODEL)
     s = Shape.from_config(budget_config(TINY_MODEL))
     # A budget between what checkpointing and what full activations need for the largest step on this model.
-    per_token = budget.activation_bytes_per_token(s, 4, False, 0.1)
-    fixed = budget.base_bytes(s, True, True, 4) + budget.lora_weights(s, 8, ["q_proj", "v_proj"]) * 16
-    gib = budget._gib(fixed + per_token * 700)
-    with caplog.at_level(logging.INFO, logger="stages.train"):
-        planned, chosen = train.plan_memory(replace(params, training=replace(params.training, max_memory_gib=gib)),
-                                            CPU, rows)
-    assert planned.training.max_tokens_per_micro_batch < 1000 or planned.training.gradient_checkpointing
+    per_token = estimates.activation_bytes_per_token(s, 4, False, 0.1)
+    fixed = estimates.base_bytes(s, True, True, 4) + estimates.lora_weights(s, 8, ["q_proj", "v_proj"]) * 16
+    gib = estimates.gib(fixed + per_token * 700)
+    with caplog.at_level(logging.INFO, logger="samsum_qlora.memory.budget"):
+        chosen = plan_memory(replace(params, training=replace(params.training, max_memory_gib=gib)), CPU,
+                             train_data=rows)
+    assert chosen.max_tokens_per_micro_batch < 1000 or chosen.gradient_checkpointing
     assert chosen.changed and capped == [(gib, "cpu")]
     assert f"memory budget {gib:.1f} GiB (set)" in caplog.text and "would not fit" in caplog.text
     # No budget on CPU: nothing planned, nothing capped.
-    assert train.plan_memory(params, CPU, rows) == (params, None) and len(capped) == 1
+    assert plan_memory(params, CPU, train_data=rows) == TrainPlan.as_set(params.training) and len(capped) == 1
 
 
 def test_train_stage_under_a_budget_checkpoints_each_pass_as_it_needs(tmp_path):
@@ -248,15 +254,17 @@ def test_train_stage_under_a_budget_checkpoints_each_pass_as_it_needs(tmp_path):
     labels = [label for row in train_rows["labels"] for label in row]
     loss_fraction = sum(label != -100 for label in labels) / len(labels)
     lengths = sorted(train_rows["length"])
-    lora = budget.lora_weights(s, params["lora"]["r"], params["lora"]["target_modules"]) * budget.LORA_STATE_BYTES
-    fixed = budget.base_bytes(s, True, False, 4) + lora  # the 4-bit base, as set below
-    gib = budget._gib(fixed + lengths[-1] * budget.activation_bytes_per_token(s, 4, s.layers // 2, loss_fraction))
+    lora = estimates.lora_weights(s, params["lora"]["r"], params["lora"]["target_modules"]) * estimates.LORA_STATE_BYTES
+    fixed = estimates.base_bytes(s, True, False, 4) + lora  # the 4-bit base, as set below
+    gib = estimates.gib(fixed + lengths[-1] * estimates.activation_bytes_per_token(s, 4, s.layers // 2, loss_fraction))
     gib += 1e-6  # ~1 KB: the longest example fits exactly, not one byte short of float rounding
     params["training"].update(max_memory_gib=gib, dequantize=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     logged = run_stage(tmp_path, "stages.train").stderr
     facts = train_figures(tmp_path)
-    assert PER_PASS in facts["memory_plan"]["changed"] and facts["gradient_checkpointing"]
+    # The run record keeps the switches as params.yaml sets them; the plan's choice is under memory_plan.
+    assert PER_PASS in facts["memory_plan"]["changed"] and facts["memory_plan"]["gradient_checkpointing"]
+    assert facts["gradient_checkpointing"] is False and facts["memory_plan"]["dequantize"] is False
     steps = facts["memory_plan"]["checkpointed_layers_by_pass_tokens"]
     assert steps[-1] == [lengths[-1], s.layers // 2]  # the longest example fits with half the layers checkpointed
     assert 0 < facts["checkpointed_layers_per_pass"] < s.layers // 2 + 1 and facts["micro_batches"] == 6
@@ -272,16 +280,15 @@ def test_a_plan_that_changes_settings_or_holds_a_budget_asks_for_expandable_segm
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", asked.append, raising=False)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     planned, as_set = plan("8B", 16), plan("8B", 80)
-    stage_log = logging.getLogger("test")
-    budget.adopt(planned, "the GPU's memory", None, "cuda", stage_log)
+    budget.adopt(planned, "the GPU's memory", None, "cuda")
     assert asked == ["expandable_segments:True"]
-    budget.adopt(as_set, "the GPU's memory", None, "cuda", stage_log)  # nothing changed, no budget set
+    budget.adopt(as_set, "the GPU's memory", None, "cuda")  # nothing changed, no budget set
     assert asked == ["expandable_segments:True"]
-    budget.adopt(as_set, "set", 80, "cuda", stage_log)
+    budget.adopt(as_set, "set", 80, "cuda")
     assert asked[1:] == ["expandable_segments:True", ("cap", 80)]
-    budget.adopt(planned, "set", 16, "cpu", stage_log)  # no CUDA allocator to set
+    budget.adopt(planned, "set", 16, "cpu")  # no CUDA allocator to set
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")  # the user's choice stands
-    budget.adopt(planned, "the GPU's memory", None, "cuda", stage_log)
+    budget.adopt(planned, "the GPU's memory", None, "cuda")
     assert asked[3:] == [("cap", 16)]
 
 
@@ -289,11 +296,11 @@ def test_evaluate_stage_applies_the_plan(monkeypatch):
     monkeypatch.setattr(budget, "cap_allocator", lambda gib, device: None)
     params = _params(TINY_MODEL)
     s = Shape.from_config(budget_config(TINY_MODEL))
-    room = budget.base_bytes(s, True, True, 4) + budget.generation_bytes(s, 20, 200, 64, 4)
-    small = replace(params, eval=replace(params.eval, max_memory_gib=budget._gib(room)))
-    planned = generation.plan_memory(small, CPU, 200)
-    assert planned.eval.batch_size == 16 and planned.eval.dequantize
-    assert generation.plan_memory(params, CPU, 200) == params
+    room = estimates.base_bytes(s, True, True, 4) + estimates.generation_bytes(s, 20, 200, 64, 4)
+    small = replace(params, eval=replace(params.eval, max_memory_gib=estimates.gib(room)))
+    planned = plan_memory(small, CPU, longest_prompt=200)
+    assert planned.batch_size == 16 and planned.dequantize
+    assert plan_memory(params, CPU, longest_prompt=200) == EvalPlan.as_set(params.eval)
 
 
 def budget_config(model_dir: Path):

@@ -96,7 +96,8 @@ def one_step_trainer(padding_free: bool, cap: int | None, dataset, tokenizer, tm
     """The train stage's Trainer for one optimizer step of 8 sequences over a float32 base (no 4-bit kernels, which
     compute in bf16 on some CPUs) and no dropout, so the two runs compared draw nothing at random."""
     from samsum_qlora.model.loading import choose_device, load_base_model
-    from stages.train import add_lora, build_trainer
+    from samsum_qlora.model.lora import add_lora
+    from samsum_qlora.training.trainer import build_trainer
 
     params = parse_params(offline_params(
         model={"base_model": str(TINY_MODEL)}, quantization={"use_4bit": False}, lora={"lora_dropout": 0.0},
@@ -151,7 +152,7 @@ def test_a_split_step_has_the_loss_gradients_and_update_of_one_pass(padding_free
 
 def test_checkpointing_per_pass_covers_the_layers_each_pass_needs_and_leaves_the_gradients(dataset, tiny_tokenizer,
                                                                                             tmp_path):
-    from samsum_qlora.memory import TrainPlan
+    from samsum_qlora.memory.planning import TrainPlan
     from samsum_qlora.model.compiling import decoder_layers
 
     whole = one_step_trainer(True, None, dataset, tiny_tokenizer, tmp_path)

@@ -10,6 +10,7 @@ import yaml
 
 from conftest import TINY_MODEL, offline_params
 from samsum_qlora.errors import PipelineError
+from samsum_qlora.model.lora import check_target_modules, checkpointing_on
 from samsum_qlora.params import parse_params
 from samsum_qlora.training.checkpoints import (
     RUN_FINGERPRINT,
@@ -17,7 +18,6 @@ from samsum_qlora.training.checkpoints import (
     checkpoint_to_resume,
     run_fingerprint,
 )
-from stages.train import check_target_modules, checkpointing_on
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,7 +222,7 @@ def test_dequantized_base_computes_what_the_4bit_kernels_compute(tiny_tokenizer)
     from bitsandbytes.nn import Linear4bit
 
     from samsum_qlora.model.loading import choose_device, load_base_model
-    from stages.train import prepare_base
+    from samsum_qlora.model.lora import prepare_base
 
     batch = tiny_tokenizer(["Anna: Lunch at 1?\nTom: Sure, the Italian place."], return_tensors="pt")
     batch["labels"] = batch["input_ids"].clone()
@@ -243,7 +243,7 @@ def test_switches_set_attention_checkpointing_and_float32_frozen_layers():
     from transformers import AutoModelForCausalLM
 
     from samsum_qlora.model.loading import choose_device
-    from stages.train import prepare_base
+    from samsum_qlora.model.lora import prepare_base
 
     params = _training_params(padding_free=True, gradient_checkpointing=True, upcast_frozen=True)
     params = replace(params, quantization=replace(params.quantization, use_4bit=False))
@@ -269,12 +269,12 @@ def test_compile_is_skipped_on_cpu_and_said(caplog):
 
     from samsum_qlora.model.compiling import decoder_layers
     from samsum_qlora.model.loading import choose_device
-    from stages.train import add_lora
+    from samsum_qlora.model.lora import add_lora
 
     params = _training_params(compile=True)
     params = replace(params, quantization=replace(params.quantization, use_4bit=False))
     base = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
-    with caplog.at_level(logging.INFO, logger="stages.train"):
+    with caplog.at_level(logging.INFO, logger="samsum_qlora.model.lora"):
         model = add_lora(base, params, choose_device(params.quantization))
     assert "training.compile applies on CUDA only" in caplog.text
     layers = decoder_layers(model)

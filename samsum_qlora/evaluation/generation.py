@@ -7,7 +7,6 @@ wherever it is made. The batch plan depends only on the prompts and eval.batch_s
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -19,10 +18,11 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from samsum_qlora import distributed
 from samsum_qlora.data.prompt import end_of_turn_ids, generation_prompt_ids
 from samsum_qlora.evaluation.scoring import ROUGE_KEYS, score_corpus
-from samsum_qlora.memory import Shape, adopt, budget_gib, plan_generation
+from samsum_qlora.memory.budget import plan_memory
+from samsum_qlora.memory.planning import EvalPlan
 from samsum_qlora.model.adapter import load_for_generation
-from samsum_qlora.model.loading import DevicePolicy, choose_device, load_config, load_tokenizer
-from samsum_qlora.params import EvalParams, Params
+from samsum_qlora.model.loading import choose_device, load_tokenizer
+from samsum_qlora.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -150,37 +150,21 @@ def summarize_generations(
 
 def model_and_prompts(
     params: Params, dialogues: list[str], adapter: str | None
-) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[list[int]], list[int], EvalParams]:
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[list[int]], list[int], EvalPlan]:
     """The model ready for generation (with `adapter`, if given), its tokenizer, the dialogues' prompts, the stop ids
-    and the eval params as planned for the memory budget: what the evaluation and `stages.summarize` generate
-    with."""
+    and the memory plan (batch size, dequantize) for eval.max_memory_gib: what the evaluation and
+    `stages.summarize` generate with."""
     policy = choose_device(params.quantization)
     log.info("device: %s", policy.reason)
     tokenizer = load_tokenizer(params.model)
     prompts = [generation_prompt_ids(tokenizer, params.prompt.instruction, d, params.prompt.date_string)
                for d in dialogues]
-    params = plan_memory(params, policy, max(map(len, prompts), default=1))
-    model = load_for_generation(params, policy, adapter)
-    return model, tokenizer, prompts, stop_token_ids(tokenizer, model, params.prompt.date_string), params.eval
-
-
-def plan_memory(params: Params, policy: DevicePolicy, longest_prompt: int) -> Params:
-    """The params with the generation settings that fit eval.max_memory_gib (else the GPU's memory); for an
-    explicit budget, torch's allocator held to it (samsum_qlora/memory.py). The plan depends on the budget and the
-    longest prompt only, so every process of a several-process evaluation cuts the same batches."""
-    budget, source = budget_gib(params.eval.max_memory_gib, policy.device)
-    if budget is None:
-        return params
-    plan = plan_generation(
-        Shape.from_config(load_config(params.model)), params.eval, budget, use_4bit=params.quantization.use_4bit,
-        element=policy.compute_dtype.itemsize, longest_prompt=longest_prompt,
-        double_quant=params.quantization.bnb_4bit_use_double_quant,
-    )
-    adopt(plan, source, params.eval.max_memory_gib, policy.device, log)
-    return dataclasses.replace(params, eval=plan.apply(params.eval))
+    plan = plan_memory(params, policy, longest_prompt=max(map(len, prompts), default=1))
+    model = load_for_generation(params, policy, adapter, plan)
+    return model, tokenizer, prompts, stop_token_ids(tokenizer, model, params.prompt.date_string), plan
 
 
 def generate_all(params: Params, dialogues: list[str], adapter: str | None) -> list[Generation]:
     """Greedy generations for `dialogues` in this process, in their order."""
     model, tokenizer, prompts, stops, planned = model_and_prompts(params, dialogues, adapter)
-    return generate(model, tokenizer, prompts, planned.max_new_tokens, planned.batch_size, stops)
+    return generate(model, tokenizer, prompts, params.eval.max_new_tokens, planned.batch_size, stops)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from samsum_qlora.errors import PipelineError
+from samsum_qlora.memory.planning import EvalPlan
 from samsum_qlora.model.loading import DevicePolicy, load_base_model
 from samsum_qlora.params import Params
 from samsum_qlora.paths import ADAPTER
@@ -38,15 +39,17 @@ def load_adapter(base: torch.nn.Module, path: str = ADAPTER) -> torch.nn.Module:
         ) from None
 
 
-def load_for_generation(params: Params, policy: DevicePolicy, adapter: str | None) -> torch.nn.Module:
-    """The base model (with the adapter, if given) ready for generation.
+def load_for_generation(params: Params, policy: DevicePolicy, adapter: str | None,
+                        plan: EvalPlan | None = None) -> torch.nn.Module:
+    """The base model (with the adapter, if given) ready for generation, unpacked as the memory plan says (None: as
+    eval.dequantize says).
 
     With eval.dequantize, the 4-bit weights are unpacked once to the compute dtype and the adapter is merged
     into them: the weights the adapter was trained against, without a dequantization in every matmul of
     every generated token (the 4-bit kernels' cost at generation time).
     """
     model = load_base_model(params.model, params.quantization, policy)
-    unpack = params.eval.dequantize and params.quantization.use_4bit
+    unpack = (plan or EvalPlan.as_set(params.eval)).dequantize and params.quantization.use_4bit
     if unpack:
         model = model.dequantize(dtype=policy.compute_dtype)
     if adapter:

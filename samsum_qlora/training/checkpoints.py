@@ -20,10 +20,10 @@ from transformers.trainer_utils import TrainOutput
 
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.params import Params
+from samsum_qlora.paths import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "models/checkpoints"
 RUN_FINGERPRINT = "run.json"  # inside CHECKPOINTS: which params and data its checkpoints belong to
 
 # training.* switches that change only speed or memory, not what is optimised (the same losses and gradients up to
@@ -99,6 +99,7 @@ def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS
 def last_checkpoint(checkpoints: str | Path = CHECKPOINTS) -> str | None:
     """The newest complete `checkpoint-<step>` folder, if any: the Trainer writes trainer_state.json last, so a
     folder without it was cut off while it was being saved (a killed process) and is passed over."""
+    # Not transformers' get_last_checkpoint: it takes the newest folder whether or not trainer_state.json is there.
     folder = Path(checkpoints)
     if not folder.is_dir():
         return None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-log = logging.getLogger(__name__)
+from samsum_qlora.paths import CURVES
 
-CURVES = "metrics/curves"
+log = logging.getLogger(__name__)
 
 
 def curves_callback(resume: bool) -> list:

@@ -10,8 +10,9 @@ those of one pass, up to float rounding; only the random draws of dropout differ
 Each pass has a fixed cost on top of its tokens, so every extra pass costs time: the cap trades speed for memory
 (README, Performance: a 1B step cut into two passes ran at about half the tokens/s on an H200).
 
-Under a memory plan that checkpoints per pass (samsum_qlora.memory.TrainPlan.layers_to_checkpoint), each pass turns
-activation checkpointing on for as many of the first decoder layers as its tokens need, and off for the others.
+Under a memory plan that checkpoints per pass (samsum_qlora.memory.planning.TrainPlan.layers_to_checkpoint), each
+pass turns activation checkpointing on for as many of the first decoder layers as its tokens need, and off for the
+others.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import torch
 from transformers import ProgressCallback, Trainer
 
 from samsum_qlora.errors import PipelineError
+from samsum_qlora.memory.planning import TrainPlan
 from samsum_qlora.model.compiling import decoder_layers
 from samsum_qlora.model.loading import peak_memory_gib
 from samsum_qlora.params import TrainingParams
+from samsum_qlora.paths import CHECKPOINTS
 from samsum_qlora.training.batching import split_batch
-from samsum_qlora.training.checkpoints import CHECKPOINTS, resume_advice
+from samsum_qlora.training.checkpoints import resume_advice
 from samsum_qlora.training.objective import loss_token_count, summary_loss
 
 
@@ -145,15 +148,17 @@ def _memory() -> str:
 
 
 def out_of_memory_error(err: BaseException, trainer: TokenCappedTrainer, training: TrainingParams,
-                        checkpoints: str = CHECKPOINTS) -> PipelineError:
-    """One actionable line for running out of memory in `trainer`: where, this run's numbers, the switches that
-    lower memory without changing the run, and what `dvc repro` does next."""
-    step, tokens, cap = trainer.state.global_step, trainer.running_pass, training.max_tokens_per_micro_batch
+                        checkpoints: str = CHECKPOINTS, plan: TrainPlan | None = None) -> PipelineError:
+    """One actionable line for running out of memory in `trainer`: where, this run's numbers (the memory switches
+    as `plan` chose them; None: as set), the switches that lower memory without changing the run, and what
+    `dvc repro` does next."""
+    plan = plan or TrainPlan.as_set(training)
+    step, tokens, cap = trainer.state.global_step, trainer.running_pass, plan.max_tokens_per_micro_batch
     memory = _memory()
     wanted = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", str(err))
     if wanted:
         memory += f", {wanted.group(1)} more wanted"
-    if training.max_memory_gib is not None:  # the allocator was held to it (samsum_qlora/memory.py)
+    if training.max_memory_gib is not None:  # the allocator was held to it (samsum_qlora/memory/budget.py)
         memory += f", held to training.max_memory_gib={training.max_memory_gib:g}"
     if tokens is None and not trainer.model.training:
         where = f"computing the validation loss after step {step:,}"
@@ -164,7 +169,7 @@ def out_of_memory_error(err: BaseException, trainer: TokenCappedTrainer, trainin
         below = f" below {tokens:,}" if tokens else ""
         fixes = [f"lower training.max_tokens_per_micro_batch{below} (now {cap})" if cap else
                  f"set training.max_tokens_per_micro_batch{below} (now null: one pass per micro-batch)"]
-        if not training.gradient_checkpointing:
+        if not plan.gradient_checkpointing:
             fixes.append("or set training.gradient_checkpointing=true")
     return PipelineError(f"CUDA ran out of memory {where} ({memory}); {', '.join(fixes)}; "
                          f"{resume_advice(checkpoints)}")
