@@ -181,7 +181,9 @@ def one_line_error(schema: type, raw: dict, err: ValidationError) -> str:
         close = difflib.get_close_matches(str(path[-1]), names, n=1, cutoff=0.4)
         hint = f"did you mean {prefix}{close[0]}? " if close else ""
         where = f" of {prefix.rstrip('.')}" if prefix else ""
-        return f"unknown key {full}; {hint}known keys{where}: {', '.join(names)}"
+        # A key DVC's `-S +key=value` appended stays in the file for every later run until it is removed.
+        return (f"unknown key {full}; {hint}known keys{where}: {', '.join(names)}; rename or remove it in "
+                f"params.yaml")
     if errors[0]["type"] in ("dataclass_type", "dataclass_args_type"):
         return f"{full} must be a mapping of keys, got {value!r}"
     core = _parts(field)[1]

@@ -28,6 +28,7 @@ from samsum_qlora.paths import ADAPTER, TOKENIZED, TRAIN_METRICS, TRAIN_RUN
 from samsum_qlora.training.checkpoints import (
     checkpoint_step,
     checkpoint_to_resume,
+    interrupted_advice,
     resumable_checkpoint,
     resume_advice,
     run_fingerprint,
@@ -159,4 +160,4 @@ def train(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, on_interrupt=interrupted_advice)

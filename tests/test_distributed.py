@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import dvc_env, make_project, offline_params, run_dvc
-from samsum_qlora.training.checkpoints import last_checkpoint, resume_advice
+from samsum_qlora.training.checkpoints import interrupted_advice, last_checkpoint, resume_advice
 
 pytestmark = pytest.mark.slow
 
@@ -191,6 +191,9 @@ def test_a_checkpoint_cut_off_while_saving_is_passed_over(tmp_path):
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
     assert resume_advice(tmp_path) == (f"the last checkpoint {tmp_path / 'checkpoint-5'} is kept and `dvc repro` "
                                        "resumes from it")
+    assert interrupted_advice(tmp_path) == ("run the same command again to resume from the last checkpoint, "
+                                            f"{tmp_path / 'checkpoint-5'}")
+    assert interrupted_advice(tmp_path / "none").endswith("running the same command again starts over")
 
 
 def test_bad_process_counts_are_named_with_the_fix(monkeypatch):

@@ -152,3 +152,12 @@ def test_unreadable_yaml_is_one_line(tmp_path):
     with pytest.raises(PipelineError, match=r"not valid YAML") as err:
         load_params(bad)
     assert "\n" not in str(err.value)
+
+
+def test_an_unknown_key_says_to_rename_or_remove_it_in_the_file():
+    """DVC's own hint for `-S lora.rr=16` is `+lora.rr=16`, which writes the key into params.yaml: the stage that
+    then meets it says where the fix is."""
+    with pytest.raises(PipelineError) as err:
+        parse_params({"lora": {"rr": 16}})
+    assert str(err.value).endswith("; rename or remove it in params.yaml")
+    assert "did you mean lora.r?" in str(err.value)

@@ -57,7 +57,7 @@ def test_readme_quickstart_runs_as_written_offline(tmp_path):
     outputs = []
     for number, (language, code) in enumerate(blocks, 1):
         command = ["bash", "-euo", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
-        proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, f"README block {number} ({language}) failed:\n{code}\n{proc.stdout}\n{proc.stderr}"
         assert "Traceback" not in proc.stderr, f"README block {number}:\n{proc.stderr}"
         outputs.append(proc.stdout)

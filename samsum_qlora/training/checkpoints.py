@@ -115,6 +115,13 @@ def resume_advice(checkpoints: str | Path = CHECKPOINTS) -> str:
             else "no checkpoint had been saved yet, so `dvc repro` starts over")
 
 
+def interrupted_advice(checkpoints: str | Path = CHECKPOINTS) -> str:
+    """What to do after Ctrl-C stopped training: the same command resumes from the last checkpoint, if any."""
+    last = last_checkpoint(checkpoints)
+    return (f"run the same command again to resume from the last checkpoint, {last}" if last
+            else "no checkpoint had been saved yet, so running the same command again starts over")
+
+
 def checkpoint_step(checkpoint: str) -> int:
     """The optimizer step a Trainer checkpoint folder (`checkpoint-<step>`) was saved at."""
     return int(Path(checkpoint).name.split("-")[-1])
