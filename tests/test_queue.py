@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bench_loop import experiments_shown, start_queue, wait_for_queue
-from conftest import dvc_env, git, make_project, offline_params, run_dvc
+from conftest import ROOT, dvc_env, git, make_project, offline_params, run_dvc
 
 pytestmark = pytest.mark.slow
 SHORT = {  # the offline profile cut to a few seconds per stage: what is tested is the queue, not the model
@@ -21,6 +22,13 @@ GOOD = {"r4": ["-S", "lora.r=4"], "r16": ["-S", "lora.r=16"]}
 BAD = ["-S", "model.base_model=offline/no-such-model"]  # tokenize_mask stops: the folder does not exist
 WORKSPACE = ["params.yaml", "dvc.lock", "metrics", "models/adapter", "data/prepared", "data/tokenized",
              "data/predictions"]
+
+
+def readme_short_view() -> list[str]:
+    """The README's recommended `dvc exp show` command (of its quick-start), as arguments."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in text.splitlines() if line.startswith("dvc exp show --no-pager"))
+    return shlex.split(line.split(" #", 1)[0])
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:
@@ -74,6 +82,14 @@ def test_queue_runs_two_experiments_at_once_reports_the_failed_one_and_leaves_th
     # The workspace is where it was: the queue ran everything in its own temporary copies.
     assert snapshot(repo) == before
     assert git(repo, "status", "--porcelain") == ""
+
+    # The README's short view of `dvc exp show` still fits a 160-column terminal after a queue, failed run included,
+    # and shows what runs are compared by.
+    table = run_dvc(repo, *readme_short_view()[1:], env={**env, "COLUMNS": "400"}).stdout.splitlines()
+    assert max(map(len, table)) <= 160, "\n".join(table)
+    header = next(line for line in table if "Experiment" in line).split()
+    assert {"train_loss", "eval_loss", "rougeL.tuned", "rougeL.gain", "lora.r"} <= set(header), header
+    assert all(any(name in line for line in table) for name in names.values())
 
     shown = {e["name"]: e for e in experiments_shown(json.loads(run_dvc(repo, "exp", "show", "--json").stdout))}
     assert shown[names["bad"]]["state"] == "failed"
