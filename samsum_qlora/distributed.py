@@ -7,7 +7,7 @@ any of them fails the launcher stops the others and this module turns the failur
 
 Several machines (training): run `accelerate config` on each (this machine's rank, the number of machines, the
 main process's address and port); the launcher reads that file, and training.num_processes is then the number of
-processes on all machines together (README, Several GPUs). Evaluation merges its parts on one machine, so it
+processes on all machines together (docs/multi-gpu.md). Evaluation merges its parts on one machine, so it
 runs on this machine's GPUs alone (local_processes).
 """
 

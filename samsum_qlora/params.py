@@ -96,8 +96,8 @@ class LoraParams:
 @with_config(SCHEMA)
 @dataclass(frozen=True)
 class DataParams:
-    source: Annotated[Str, param("hub dataset id, or a local file/folder (json, jsonl, csv, parquet; README, Data "
-                                 "sources)", noun="a hub dataset id or a local path",
+    source: Annotated[Str, param("hub dataset id, or a local file/folder (json, jsonl, csv, parquet; docs/data.md)",
+                                 noun="a hub dataset id or a local path",
                                  min_length=1)] = "knkarthick/samsum"
     revision: Annotated[Str, param("hub branch, tag or commit of the dataset (ignored for local files)")] = "main"
     dialogue_column: Annotated[Str, param("column holding the conversation", noun="a column name",
@@ -138,10 +138,10 @@ class TrainingParams:
         "micro-batches per optimizer step (16 x 1: the tutorial's 4 x 4 loss, in one pass)", gt=0)] = 1
     num_processes: Annotated[Int, param(
         "data-parallel processes, one per GPU, for training and both evaluations; the train batch size must divide "
-        "by it (README, Several GPUs)", note="data-parallel processes: one per GPU", gt=0)] = 1
+        "by it (docs/multi-gpu.md)", note="data-parallel processes: one per GPU", gt=0)] = 1
     max_tokens_per_micro_batch: Annotated[Int | None, param(
         "a micro-batch of more tokens (padded: rows x longest row) runs as several forward/backward passes cut "
-        "between examples: the same loss and gradients, less memory, slower (README, Performance)",
+        "between examples: the same loss and gradients, less memory, slower (docs/memory.md)",
         means="one pass per micro-batch", note="tokens", gt=0)] = 8192
     learning_rate: Annotated[Number, param("peak learning rate", gt=0)] = 2e-4
     lr_scheduler_type: Annotated[Str, param("any transformers scheduler name: linear | cosine | "
@@ -173,7 +173,7 @@ class TrainingParams:
                                          "prepare_model_for_kbit_training): slower, and more memory")] = False
     max_memory_gib: Annotated[Number | None, param(
         "GPU memory the stage may use; when the switches above would not fit, the stage picks the fastest "
-        "settings that do and says so (README, Performance)", means="the GPU's memory", unit="GiB",
+        "settings that do and says so (docs/memory.md)", means="the GPU's memory", unit="GiB",
         note="e.g. 16", gt=1)] = None
 
 

@@ -59,7 +59,7 @@ def launch_workers(params: Params) -> None:
     distributed.check_training_processes(params.training)
     if not Path(TOKENIZED).is_dir():
         raise PipelineError(f"{TOKENIZED} not found: run `dvc repro tokenize_mask` first")
-    if distributed.main_machine():  # the others share its folder (README, Several GPUs) and must not clear it
+    if distributed.main_machine():  # the others share its folder (docs/multi-gpu.md) and must not clear it
         resume_from = checkpoint_to_resume(run_fingerprint(params, TOKENIZED))
         if resume_from:
             log.info("resuming from %s", resume_from)

@@ -69,7 +69,7 @@ def training_lengths(train_data: Dataset, training: TrainingParams) -> dict[str,
 def budget_gib(configured: float | None, device: str) -> tuple[float | None, str]:
     """The budget in GiB and where it comes from: the param, else the GPU's memory (None on CPU with no param:
     no plan). The whole card, not what is free when the stage starts: the same params give the same plan, and
-    experiments sharing a GPU (`dvc queue start -j N`) set their budgets (README, Experiments and sweeps)."""
+    experiments sharing a GPU (`dvc queue start -j N`) set their budgets (docs/memory.md, queued experiments)."""
     if configured is not None:
         return float(configured), "set"
     if device != "cuda":

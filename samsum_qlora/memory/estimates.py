@@ -2,8 +2,8 @@
 
 The estimates are bytes that torch's allocator holds at the peak (what `peak_memory_gib` reads), times HEADROOM,
 plus CONTEXT_GIB for the CUDA context and kernels' workspaces, which the allocator does not count. Their constants
-were fitted to peaks measured on an H200 with the Llama-3.2-1B and Llama-3.1-8B shapes (compiled layers; README,
-Memory budget): within 5% of every measured peak, never below one by more than 3%.
+were fitted to peaks measured on an H200 with the Llama-3.2-1B and Llama-3.1-8B shapes (compiled layers;
+docs/memory.md): within 5% of every measured peak, never below one by more than 3%.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ no activation checkpointing, large passes, large generation batches). A budget s
 loads the weights, a stage estimates its peak GPU memory from the model's config and the data's lengths
 (estimates.py); when the switches do not fit, the plan moves them towards less memory, one step at a time, in order
 of the speed each step costs, and says what it chose and why. None of these switches changes a loss or a gradient
-(README, Performance), so a planned run is the same run, only slower. The plan is the run's, not the user's: the
+(docs/memory.md), so a planned run is the same run, only slower. The plan is the run's, not the user's: the
 stage runs with its settings and records them beside the params as set, which it leaves as they are.
 
 Training, from the fastest plan to the smallest:
@@ -149,7 +149,7 @@ def plan_training(shape: Shape, training: TrainingParams, budget_gib: float, *, 
         tried.append(f"{_words(unpacked, checkpointing, use_4bit)}: {fits:,} tokens per pass fit")
         largest_pass = min(cap or largest_step_tokens, largest_step_tokens)
         # A lower cap, if needed: never below the longest example, and without checkpointing not below the mean
-        # step either, since most steps would then be split, slower than checkpointing them (README, Memory budget).
+        # step either, since most steps would then be split, slower than checkpointing them (docs/memory.md).
         floor = longest_example if checkpointing else max(longest_example, math.ceil(mean_step_tokens))
         if largest_pass > fits and fits < floor:
             continue

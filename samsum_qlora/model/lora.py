@@ -38,7 +38,7 @@ def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
 
 def prepare_base(base: torch.nn.Module, params: Params, policy: DevicePolicy,
                  plan: TrainPlan | None = None) -> torch.nn.Module:
-    """Freeze the base and set it up for training as the training.* switches say (see README, Performance); the
+    """Freeze the base and set it up for training as the training.* switches say (see docs/performance.md); the
     memory switches as `plan` chose them (None: as set)."""
     t = params.training
     plan = plan or TrainPlan.as_set(t)

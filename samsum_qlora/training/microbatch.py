@@ -8,7 +8,7 @@ each piece runs forward and backward on its own, its summed loss divided by the 
 (the Trainer's num_items_in_batch, see objective.summary_loss). The step's loss and gradients are therefore
 those of one pass, up to float rounding; only the random draws of dropout differ, as they fall on other shapes.
 Each pass has a fixed cost on top of its tokens, so every extra pass costs time: the cap trades speed for memory
-(README, Performance: a 1B step cut into two passes ran at about half the tokens/s on an H200).
+(docs/memory.md: a 1B step cut into two passes ran at about half the tokens/s on an H200).
 
 Under a memory plan that checkpoints per pass (samsum_qlora.memory.planning.TrainPlan.layers_to_checkpoint), each
 pass turns activation checkpointing on for as many of the first decoder layers as its tokens need, and off for the
