@@ -1,7 +1,9 @@
-"""Shared fixtures: the offline profile's tiny model and its params; the project copy lives in offline/project.py."""
+"""Shared fixtures and helpers: the offline profile's tiny model and its params, a module's imports; the project copy
+lives in offline/project.py."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 from pathlib import Path
@@ -38,3 +40,15 @@ def offline_params(**sections: dict) -> dict:
 
     profile = yaml.safe_load((ROOT / "offline" / "params.yaml").read_text())
     return merge(merge(dataclasses.asdict(Params()), profile), sections)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an import statement in `path` names, at any depth (lazy imports inside functions too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return names

@@ -3,13 +3,12 @@ change to any of them re-runs the stage and a change to anything else does not."
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, imported_modules
 
 PACKAGES = ("samsum_qlora", "stages")
 
@@ -23,18 +22,6 @@ def module_file(name: str, root: Path = ROOT) -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Every module an import statement in `path` names, at any depth (lazy imports inside functions too)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    return names
 
 
 def closure(module: str, root: Path = ROOT) -> set[str]:
