@@ -1,6 +1,6 @@
 """Synthetic training examples whose lengths follow SAMSum rendered through a Llama 3 chat template.
 
-    python -m benchmarks.lengths [--n 14732] [--seed 0]     # prints the statistics of a sample
+    python -m benchmarks.harness.lengths [--n 14732] [--seed 0]     # prints the statistics of a sample
 
 Throughput depends on how long the sequences are and how unevenly long (that sets the padding), not on which
 token ids they hold, so the ids are random. The distribution:

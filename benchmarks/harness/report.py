@@ -16,7 +16,7 @@ import torch
 
 from samsum_qlora.model.loading import peak_memory_gib  # noqa: F401  (the benchmarks report memory as the stages do)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
 
@@ -151,7 +151,7 @@ def source_commit() -> dict[str, Any]:
     try:
         top = _git("rev-parse", "--show-toplevel").strip()
         if Path(top).resolve() == ROOT:
-            changed = _git("status", "--porcelain", "--", "stages", "offline", "benchmarks", "dvc.yaml",
+            changed = _git("status", "--porcelain", "--", "samsum_qlora", "stages", "offline", "benchmarks", "dvc.yaml",
                            "params.yaml").splitlines()
             return {"commit": _git("rev-parse", "HEAD").strip(), "changed_files": changed}
     except (subprocess.CalledProcessError, OSError):
