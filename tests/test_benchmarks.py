@@ -256,7 +256,7 @@ def test_samsum_size_rows_have_samsum_lengths_through_the_template(bench_tokeniz
     assert len({r["id"] for r in rows}) == len({r["dialogue"] for r in rows}) == 600
     assert all(r["dialogue"].strip() and r["summary"].strip() and ": " in r["dialogue"] for r in rows)
     stats = template_lengths(tokenizer, rows, prompt.instruction, prompt.date_string)
-    assert 198 <= stats["length_mean"] <= 228  # SAMSum's 214 (213 once clipped at 512), as benchmarks.lengths
+    assert 198 <= stats["length_mean"] <= 228  # SAMSum's 214 (213 once clipped at 512), as benchmarks.harness.lengths
     assert 80 <= stats["length_sd"] <= 120 and stats["length_min"] >= 40 and stats["length_max"] <= 540
     assert 0.12 <= stats["summary_token_fraction"] <= 0.19
 

@@ -39,6 +39,8 @@ VERSION = 1  # of the composition below: a folder written by another version is 
 
 @dataclass(frozen=True)
 class Recipe:
+    """What a dataset folder was written from: a folder with the same recipe is reused."""
+
     version: int
     sizes: dict[str, int]
     seed: int
@@ -50,6 +52,8 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Scene:
+    """One scene of the bundled generator: its lines and summary, with their token counts."""
+
     lines: list[str]
     line_tokens: list[int]
     summary: str
@@ -192,6 +196,7 @@ def dataset_stats(data_dir: str | Path) -> dict:
 
 
 def main() -> None:
+    """Write the SAMSum-size dataset to --out and print its train split's lengths."""
     from benchmarks.harness.shapes import default_tokenizer_dir
     from samsum_qlora.params import PromptParams
 

@@ -30,6 +30,7 @@ STOP_TIMEOUT_S = 60.0  # for `dvc queue stop` and `dvc queue kill` each
 CORES_PER_RUN = 2  # a run keeps one core busy feeding its GPU, compiling takes more: at most cores / 2 runs
 
 def grid_size(grid: list[str]) -> int:
+    """How many experiments a grid of `KEY=V1,V2` specs makes."""
     return math.prod(len(spec.partition("=")[2].split(",")) for spec in grid)
 
 
@@ -112,6 +113,7 @@ def experiments_shown(show: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def leaf(tree: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a nested dict (None when absent)."""
     for key in dotted.split("."):
         tree = tree.get(key, {}) if isinstance(tree, dict) else {}
     return tree if tree != {} else None

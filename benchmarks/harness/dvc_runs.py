@@ -83,6 +83,7 @@ def read_timings(path: Path) -> list[dict[str, Any]]:
 
 
 def stage_process(stage: str, start: float, end: float, timings: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The recorded process of `stage` that started while DVC ran it (None if none was)."""
     module, argument = MODULES.get(stage, (stage, None))
     for record in timings:
         if (Path(record["argv"][0]).stem == module and (argument is None or argument in record["argv"][1:])
@@ -92,10 +93,12 @@ def stage_process(stage: str, start: float, end: float, timings: list[dict[str, 
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's content, {} when it does not exist."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def compile_seconds(record: dict[str, Any] | None) -> float | None:
+    """The seconds torch spent compiling in a recorded process (None if it compiled nothing)."""
     spent = (record or {}).get("compile") or {}
     return spent.get("total_wall_time")
 
@@ -126,6 +129,7 @@ def stage_rows(run: DvcRun, timings: list[dict[str, Any]], project: Path) -> lis
 
 
 def part_result(run: DvcRun, timings_file: Path, project: Path) -> dict[str, Any]:
+    """A part's numbers from its dvc command; raises with the command's output when it failed."""
     if run.returncode:
         raise RuntimeError(f"dvc {' '.join(run.args)} failed ({run.returncode}):\n{run.tail}")
     return {"command": "dvc " + " ".join(run.args), "wall_s": run.seconds,
@@ -134,6 +138,7 @@ def part_result(run: DvcRun, timings_file: Path, project: Path) -> dict[str, Any
 
 
 def commit_all(project: Path, message: str) -> None:
+    """Commit everything in the project copy."""
     git(project, "add", "-A")
     git(project, "-c", "user.name=bench", "-c", "user.email=bench@example.com", "commit", "-qm", message)
 

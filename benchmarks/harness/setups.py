@@ -58,11 +58,12 @@ class Bench:
 
 
 def compute_dtype() -> torch.dtype:
-    # As the project's device policy: bf16 on CUDA; fp32 on CPU, where bf16 matmuls are slower.
+    """bf16 on CUDA; fp32 on CPU, where bf16 matmuls are slower (the project's device policy)."""
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 def load_4bit(model_dir: Path) -> torch.nn.Module:
+    """The model in NF4 with double quantization and the compute dtype, as the tutorial loads it."""
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -79,6 +80,7 @@ def load_4bit(model_dir: Path) -> torch.nn.Module:
 
 
 def lora_config() -> LoraConfig:
+    """The tutorial's LoRA: r 8, alpha 16, dropout 0.05 on q_proj and v_proj."""
     return LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], bias="none", task_type="CAUSAL_LM"
     )
@@ -195,6 +197,7 @@ BUILDERS: dict[str, Callable[[Bench, ThroughputMeter], Trainer]] = {
 
 
 def describe_trainer(trainer: Trainer) -> dict[str, Any]:
+    """The settings a trainer runs with: batch, optimizer, checkpointing, collator, attention."""
     from samsum_qlora.model.lora import checkpointing_on
 
     args = trainer.args

@@ -199,6 +199,7 @@ def benchmark_model(
 
 
 def main() -> None:
+    """Build the random-weight model in --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, default=None, help="default: offline/tiny-llama")
