@@ -7,9 +7,9 @@ Each experiment of a sweep is a fresh process that compiles the decoder layers a
 what torch's on-disk cache (TORCHINDUCTOR_CACHE_DIR, Triton's cache) already holds. For each variant this
 starts from empty caches and runs one fresh process per rank in the order given, each sharing the variant's
 caches: the first is cold, the later ones find what the earlier ones compiled. Each process trains the project's
-Trainer (benchmarks/bench_train.py's project setup, default params but the rank) for warm-up + timed steps on
-the Llama-3.2-1B-shaped model and reports torch's own compile counters: seconds spent compiling (and in code
-generation), graphs compiled, cache hits and misses; and the warm-up seconds, which include compiling.
+Trainer (bench_train's project setup, benchmarks/harness/setups.py; default params but the rank) for warm-up +
+timed steps on the Llama-3.2-1B-shaped model and reports torch's own compile counters: seconds spent compiling
+(and in code generation), graphs compiled, cache hits and misses; and the warm-up seconds, which include compiling.
 
 Variants:
 - default: samsum_qlora/model/compiling.py as the train stage runs it (rank compiled as a symbol, no CPU vector-ISA test
@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
-from benchmarks import report
-from benchmarks.llama_shaped import LLAMA_3_2_1B, TINY, benchmark_model
+from benchmarks.harness import report
+from benchmarks.harness.shapes import LLAMA_3_2_1B, TINY, benchmark_model
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One fresh process: train the project's Trainer at one rank; return its compile counters and timings."""
     from transformers import AutoTokenizer
 
-    from benchmarks.bench_train import Bench, measure
-    from benchmarks.lengths import examples_for
+    from benchmarks.harness.lengths import examples_for
+    from benchmarks.harness.setups import Bench, measure
     from samsum_qlora.model import compiling
 
     if spec["variant"] == "static-rank":

@@ -4,7 +4,7 @@
                                     [--out benchmarks/results] [--label L]
 
 Both setups generate greedily from the 4-bit NF4 base (bf16 compute) of a random-weight Llama-3.2-1B-shaped
-model, on synthetic prompts as long as SAMSum's test prompts (benchmarks/lengths.py: the prompt part of
+model, on synthetic prompts as long as SAMSum's test prompts (benchmarks/harness/lengths.py: the prompt part of
 each synthetic example, ~181 tokens on average).
 
 - one_at_a_time: `model.generate` on one prompt at a time, as the tutorial does. Only `--one-at-a-time`
@@ -34,9 +34,9 @@ import torch
 import yaml
 from transformers import AutoConfig, GenerationConfig
 
-from benchmarks import report
-from benchmarks.lengths import examples_for, prompts_of
-from benchmarks.llama_shaped import SHAPES, benchmark_model
+from benchmarks.harness import report
+from benchmarks.harness.lengths import examples_for, prompts_of
+from benchmarks.harness.shapes import SHAPES, benchmark_model
 from samsum_qlora.evaluation.generation import generate
 from samsum_qlora.memory.budget import plan_memory
 from samsum_qlora.memory.planning import EvalPlan

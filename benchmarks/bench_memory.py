@@ -26,9 +26,9 @@ from datasets import Dataset
 from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback, set_seed
 
-from benchmarks import report
-from benchmarks.lengths import examples_for
-from benchmarks.llama_shaped import benchmark_model
+from benchmarks.harness import report
+from benchmarks.harness.lengths import examples_for
+from benchmarks.harness.shapes import benchmark_model
 from offline.run import merge
 from samsum_qlora.memory.planning import TrainPlan
 from samsum_qlora.model.loading import choose_device, load_base_model, load_tokenizer

@@ -26,27 +26,25 @@ where N processes share the same cores: a smoke test whose numbers say nothing a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer
 
-from benchmarks import report
-from benchmarks.bench_train import SEQUENCES_PER_STEP, Bench, compute_dtype, measure, parse_overrides
-from benchmarks.lengths import describe, examples_for
-from benchmarks.llama_shaped import LLAMA_3_2_1B, TINY, benchmark_model
+from benchmarks.harness import report
+from benchmarks.harness.lengths import describe, examples_for
+from benchmarks.harness.overrides import parse_overrides
+from benchmarks.harness.setups import SEQUENCES_PER_STEP, Bench, compute_dtype, measure
+from benchmarks.harness.shapes import LLAMA_3_2_1B, TINY, benchmark_model
+from benchmarks.harness.workers import Run, combine, measure_run
 from offline.run import merge
 from samsum_qlora import distributed
 
@@ -59,32 +57,6 @@ TARGETS = {2: 1.85, 4: 3.6}  # weak-scaling speedups over one GPU wanted, by num
 SET_HERE = ("per_device_train_batch_size", "num_processes")  # training.* keys each run sets itself
 CPU_NOTE = ("no CUDA: the processes are gloo processes sharing this machine's CPU cores (the launcher gives each "
             "OMP_NUM_THREADS threads, 1 unless set); the numbers test the benchmark and say nothing about GPUs")
-
-
-@dataclass
-class Run:
-    """One run, as the orchestrating process hands it to the workers (a JSON file)."""
-
-    mode: str
-    processes: int
-    model_dir: str
-    num_examples: int  # examples_for(tokenizer, num_examples, seed=0) are trained on
-    steps: int
-    warmup: int
-    overrides: dict[str, Any]  # params.yaml overrides: the user's --set, and the batch size of this mode and N
-    scratch: str  # the trainers' output_dir (nothing is saved there)
-    result: str  # where the main process writes the run's numbers
-
-    @property
-    def name(self) -> str:
-        return f"{self.mode} x{self.processes}"
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: Path) -> Run:
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
 
 
 def batch_size(mode: str, processes: int) -> int:
@@ -120,45 +92,6 @@ def process_problem(processes: list[int], modes: list[str]) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def importable_here() -> Iterator[None]:
-    """This checkout on the workers' PYTHONPATH: `python -m benchmarks...` then works from any folder (the editable
-    install makes only stages and offline importable)."""
-    before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(report.ROOT), before) if p)
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = before
-
-
-def start(run: Run, config: Path) -> None:
-    """Run the workers of `run` and wait for them: N > 1 through the train stage's launcher, N = 1 as one process."""
-    run.save(config)
-    with importable_here():
-        if run.processes > 1:
-            distributed.launch(MODULE, ["--worker", str(config)], run.processes, f"scaling run {run.name}")
-            return
-        code = subprocess.run([sys.executable, "-m", MODULE, "--worker", str(config)], check=False).returncode
-    if code:
-        raise RuntimeError(f"the worker exited with code {code}")
-
-
-def measure_run(run: Run, config: Path) -> dict[str, Any]:
-    """Run `run` (its config written to `config`) and return the numbers its main process wrote."""
-    started = time.perf_counter()
-    start(run, config)
-    path = Path(run.result)
-    if not path.is_file():
-        raise RuntimeError(f"the workers ended without writing {path}")
-    result = json.loads(path.read_text(encoding="utf-8"))
-    result["wall_seconds"] = round(time.perf_counter() - started, 2)  # starting processes and loading included
-    return result
-
-
 # ---- in each worker
 
 
@@ -180,36 +113,6 @@ def work(config: Path) -> dict[str, Any] | None:
     result = combine(run, shares)
     Path(run.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
-
-
-def combine(run: Run, shares: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run's numbers from every process's: tokens of all processes over the longest timed window."""
-    main = shares[0]  # the loss is the same on every process: the Trainer logs its mean over them
-    window = max(s["timed_seconds"] for s in shares)
-    tokens = [s["real_tokens"] for s in shares]
-    peaks = [s["peak_memory_gib"] for s in shares]
-    return {
-        "mode": run.mode,
-        "processes": len(shares),
-        "sequences_per_step": main["sequences_per_step"],  # all processes together
-        "sequences_per_process": main["sequences_per_step"] // len(shares),
-        "tokens_per_second": round(sum(tokens) / window, 1),
-        "timed_steps": main["timed_steps"],
-        "timed_seconds": window,
-        "seconds_per_step": round(window / main["timed_steps"], 4),
-        "slowest_step_seconds": max(s["slowest_step_seconds"] for s in shares),
-        "warmup_seconds": max(s["warmup_seconds"] for s in shares),
-        "real_tokens": sum(tokens),
-        "real_tokens_per_process": tokens,
-        "loss_tokens": sum(s["loss_tokens"] for s in shares),
-        "timed_seconds_per_process": [s["timed_seconds"] for s in shares],
-        "peak_memory_gib": max(peaks),
-        "peak_memory_gib_per_process": peaks,
-        "threads_per_process": main["threads"],
-        "first_loss": main["first_loss"],
-        "final_loss": main["final_loss"],
-        "settings": main["settings"],
-    }
 
 
 # ---- in the orchestrating process
@@ -278,7 +181,7 @@ def run(
                 log.info("%s: %d warm-up + %d timed steps of %d sequences", job.name, warmup, steps,
                          batch_size(mode, n))
                 try:
-                    results.append(measure_run(job, Path(f"{stem}-run.json")))
+                    results.append(measure_run(MODULE, job, Path(f"{stem}-run.json")))
                 except Exception as err:  # one failed run must not cost the numbers of the others
                     if not isinstance(err, distributed.WorkerFailed):  # whose workers have printed their own errors
                         traceback.print_exc()

@@ -10,7 +10,7 @@ tokens) must fit, and so must generation for test prompts of up to 512 tokens.
 
 from __future__ import annotations
 
-from benchmarks.llama_shaped import SHAPES
+from benchmarks.harness.shapes import SHAPES
 from samsum_qlora.memory.estimates import Shape
 from samsum_qlora.memory.planning import plan_generation, plan_training
 from samsum_qlora.params import EvalParams, TrainingParams
@@ -19,7 +19,7 @@ from samsum_qlora.params import EvalParams, TrainingParams
 CARDS = {"24 GB card": 23.6, "48 GB card": 47.5, "80 GB card": 79.2}
 SEQUENCES, LONGEST, MEAN_LENGTH = 16, 512, 296  # SAMSum train examples (prompt.max_length 512): longest, mean
 LOSS_FRACTION = 0.155  # summary tokens of an example
-LONGEST_PROMPT = 512  # test prompts as long as the longest training example (benchmarks/lengths.py clips there)
+LONGEST_PROMPT = 512  # test prompts as long as the longest training example (benchmarks/harness/lengths.py clips there)
 
 
 def shape(name: str) -> Shape:

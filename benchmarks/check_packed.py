@@ -3,7 +3,7 @@
     python -m benchmarks.check_packed [--examples 16] [--tiny]
 
 tests/test_objective.py checks this on CPU, where packed attention runs one SDPA call per example. Here the
-variable-length flash kernel does it, in bf16, on the Llama-3.2-1B-shaped model (benchmarks/llama_shaped.py)
+variable-length flash kernel does it, in bf16, on the Llama-3.2-1B-shaped model (benchmarks/harness/shapes.py)
 with LoRA on q_proj and v_proj: padded batches under SDPA and packed rows under the "packed" attention, same
 weights, same examples (SAMSum lengths), both against the padded path in float32. bf16 alone makes the two
 differ from that reference; the packed path passes when it is no further from it than the padded bf16 path
@@ -20,8 +20,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.lengths import examples_for
-from benchmarks.llama_shaped import benchmark_model
+from benchmarks.harness.lengths import examples_for
+from benchmarks.harness.shapes import benchmark_model
 from samsum_qlora.data.prompt import IGNORE_INDEX
 from samsum_qlora.model import attention
 from samsum_qlora.training.batching import FlatCollator, PadCollator

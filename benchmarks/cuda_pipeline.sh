@@ -12,7 +12,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 mkdir -p "$work/data"
 ln -sfn "$repo/data/samples" "$work/data/samples"
-python3 -m benchmarks.llama_shaped --out "$work/llama-1b-shaped"
+python3 -m benchmarks.harness.shapes --out "$work/llama-1b-shaped"
 python3 - "$repo/params.yaml" "$work" "$steps" <<'PY'
 import sys, yaml
 params = yaml.safe_load(open(sys.argv[1]))

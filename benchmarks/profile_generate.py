@@ -3,9 +3,9 @@
     python -m benchmarks.profile_generate [--batch-sizes 128,256,512,819] [--max-new-tokens 48] [--static]
                                           [--tiny] [--out benchmarks/results] [--model-dir DIR] [--label L]
 
-On the random Llama-3.2-1B-shaped model (benchmarks/llama_shaped.py) loaded as the evaluate stage loads it
+On the random Llama-3.2-1B-shaped model (benchmarks/harness/shapes.py) loaded as the evaluate stage loads it
 (4-bit NF4 base unpacked to bf16, samsum_qlora.model.adapter.load_for_generation) and SAMSum-length prompts
-(benchmarks/lengths.py), every prompt gets exactly --max-new-tokens tokens (the stop id is outside the
+(benchmarks/harness/lengths.py), every prompt gets exactly --max-new-tokens tokens (the stop id is outside the
 vocabulary), so every setup does the same work:
 
 - for each batch size: samsum_qlora.evaluation.generation.generate over every prompt, timed twice: with one new
@@ -33,10 +33,10 @@ import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import AutoConfig, GenerationConfig
 
-from benchmarks import report
 from benchmarks.bench_eval import TEST_EXAMPLES, project_params
-from benchmarks.lengths import examples_for, prompts_of
-from benchmarks.llama_shaped import benchmark_model
+from benchmarks.harness import report
+from benchmarks.harness.lengths import examples_for, prompts_of
+from benchmarks.harness.shapes import benchmark_model
 from samsum_qlora.evaluation.generation import GENERATION_ATTENTION, generate, left_padded
 from samsum_qlora.model.adapter import load_for_generation
 from samsum_qlora.model.loading import choose_device, load_tokenizer

@@ -19,17 +19,12 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, TrainerCallback
 
-from benchmarks import report
-from benchmarks.bench_train import (
-    SEQUENCES_PER_STEP,
-    Bench,
-    ThroughputMeter,
-    describe_trainer,
-    parse_overrides,
-    project_trainer,
-)
-from benchmarks.lengths import examples_for
-from benchmarks.llama_shaped import SHAPES, benchmark_model
+from benchmarks.harness import report
+from benchmarks.harness.lengths import examples_for
+from benchmarks.harness.meter import ThroughputMeter
+from benchmarks.harness.overrides import parse_overrides
+from benchmarks.harness.setups import SEQUENCES_PER_STEP, Bench, describe_trainer, project_trainer
+from benchmarks.harness.shapes import SHAPES, benchmark_model
 
 WAIT, WARMUP, ACTIVE = 2, 1, 3
 

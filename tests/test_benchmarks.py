@@ -25,9 +25,18 @@ from benchmarks import (
     profile_generate,
     profile_train,
 )
-from benchmarks.lengths import IGNORE_INDEX, SAMSUM, examples_for, ordinary_token_ids, prompts_of, sample_lengths
-from benchmarks.llama_shaped import SHAPES, build_llama_1b_shaped, default_tokenizer_dir
-from benchmarks.samsum_size import build_splits, template_lengths
+from benchmarks.harness import dvc_queue, dvc_runs, setups
+from benchmarks.harness.dataset import build_splits, template_lengths
+from benchmarks.harness.lengths import (
+    IGNORE_INDEX,
+    SAMSUM,
+    examples_for,
+    ordinary_token_ids,
+    prompts_of,
+    sample_lengths,
+)
+from benchmarks.harness.overrides import parse_overrides
+from benchmarks.harness.shapes import SHAPES, build_llama_1b_shaped, default_tokenizer_dir
 from conftest import TINY_MODEL
 from samsum_qlora.params import Params, PromptParams
 
@@ -39,7 +48,7 @@ def committed_params(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     # The benchmarks measure params.yaml's values; here the schema's defaults, not an experiment left in the workspace.
     path = tmp_path_factory.mktemp("params") / "params.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(Params()), sort_keys=False), encoding="utf-8")
-    for module in (bench_eval, bench_loop, bench_memory, bench_train):
+    for module in (bench_eval, bench_loop, bench_memory, setups):
         monkeypatch.setattr(module, "PROJECT_PARAMS", path)
 
 
@@ -225,7 +234,7 @@ def test_bench_memory_tiny(tmp_path: Path, one_thread: None):
 
 
 def test_overrides_nest_and_parse_values():
-    assert bench_train.parse_overrides(["training.padding_free=false", "lora.target_modules=[q_proj,k_proj]"]) == {
+    assert parse_overrides(["training.padding_free=false", "lora.target_modules=[q_proj,k_proj]"]) == {
         "training": {"padding_free": False}, "lora": {"target_modules": ["q_proj", "k_proj"]}}
 
 
@@ -247,45 +256,45 @@ def test_samsum_size_rows_have_samsum_lengths_through_the_template(bench_tokeniz
     assert len({r["id"] for r in rows}) == len({r["dialogue"] for r in rows}) == 600
     assert all(r["dialogue"].strip() and r["summary"].strip() and ": " in r["dialogue"] for r in rows)
     stats = template_lengths(tokenizer, rows, prompt.instruction, prompt.date_string)
-    assert 198 <= stats["length_mean"] <= 228  # SAMSum's 214 (213 once clipped at 512), as benchmarks.lengths
+    assert 198 <= stats["length_mean"] <= 228  # SAMSum's 214 (213 once clipped at 512), as benchmarks.harness.lengths
     assert 80 <= stats["length_sd"] <= 120 and stats["length_min"] >= 40 and stats["length_max"] <= 540
     assert 0.12 <= stats["summary_token_fraction"] <= 0.19
 
 
 def test_queue_workers_follow_the_memory_rule(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.setattr(bench_loop.os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(bench_loop.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bench_loop.torch.cuda, "mem_get_info", lambda: (100 * 2**30, 140 * 2**30))
+    monkeypatch.setattr(dvc_queue.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(dvc_queue.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dvc_queue.torch.cuda, "mem_get_info", lambda: (100 * 2**30, 140 * 2**30))
     # a run: 7.6 GiB x 1.25 + 1 GiB = 10.5 GiB; 100 GiB hold 9 of them, but 16 cores feed at most 8
-    assert bench_loop.default_jobs(7.6, 9)[0] == 8
-    assert bench_loop.default_jobs(7.6, 4)[0] == 4
-    monkeypatch.setattr(bench_loop.torch.cuda, "mem_get_info", lambda: (30 * 2**30, 140 * 2**30))
-    jobs, rule = bench_loop.default_jobs(7.6, 9)
+    assert dvc_queue.default_jobs(7.6, 9)[0] == 8
+    assert dvc_queue.default_jobs(7.6, 4)[0] == 4
+    monkeypatch.setattr(dvc_queue.torch.cuda, "mem_get_info", lambda: (30 * 2**30, 140 * 2**30))
+    jobs, rule = dvc_queue.default_jobs(7.6, 9)
     assert jobs == 2 and "30.0 GiB free" in rule
     job = {"stages": [{"stage": "train", "peak_gpu_gib": 5.8}, {"stage": "evaluate_adapter", "peak_gpu_gib": 8.5},
                       {"stage": "prepare", "peak_gpu_gib": None}]}
-    assert bench_loop.run_peak_gib(job, Path("nowhere")) == 8.5  # the largest stage, not just train
+    assert dvc_queue.run_peak_gib(job, Path("nowhere")) == 8.5  # the largest stage, not just train
     earlier = tmp_path / "stage-timings.jsonl"  # a job run by an earlier call: its recorded stage processes
     earlier.write_text("\n".join(json.dumps({"argv": [f"/p/stages/{m}.py"], "peak_gpu_gib": g}) for m, g in
                                  (("train", 8.52), ("evaluate", 14.45), ("prepare", None))) + "\n")
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/train.json").write_text(json.dumps({"peak_memory_gib": 8.52}))
-    assert bench_loop.run_peak_gib(None, tmp_path, earlier) == 14.45
-    assert bench_loop.run_peak_gib(None, tmp_path, tmp_path / "none.jsonl") == 8.52
-    monkeypatch.setattr(bench_loop.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(bench_loop.os, "cpu_count", lambda: 2)
-    assert bench_loop.default_jobs(None, 9)[0] == 1
-    assert bench_loop.grid_size(bench_loop.GRID) == 9
+    assert dvc_queue.run_peak_gib(None, tmp_path, earlier) == 14.45
+    assert dvc_queue.run_peak_gib(None, tmp_path, tmp_path / "none.jsonl") == 8.52
+    monkeypatch.setattr(dvc_queue.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dvc_queue.os, "cpu_count", lambda: 2)
+    assert dvc_queue.default_jobs(None, 9)[0] == 1
+    assert dvc_queue.grid_size(bench_loop.GRID) == 9
 
 
 def test_sweep_wait_stops_at_the_timeout_and_says_what_finished(monkeypatch: pytest.MonkeyPatch):
     rows = [{"task": "1", "name": "a", "status": "Success"}, {"task": "2", "name": "b", "status": "Running"}]
-    monkeypatch.setattr(bench_loop, "queue_status", lambda project, env: rows)
-    started = bench_loop.time.time() - 3
-    final, finished_at, emptied = bench_loop.wait_for_queue(Path("nowhere"), {}, 1.0, started, poll=0)
+    monkeypatch.setattr(dvc_queue, "queue_status", lambda project, env: rows)
+    started = dvc_queue.time.time() - 3
+    final, finished_at, emptied = dvc_queue.wait_for_queue(Path("nowhere"), {}, 1.0, started, poll=0)
     assert final == rows and not emptied and finished_at.keys() == {"a"} and finished_at["a"] >= 3
     rows[1]["status"] = "Failed"
-    assert bench_loop.wait_for_queue(Path("nowhere"), {}, 1.0, started, poll=0)[2]
+    assert dvc_queue.wait_for_queue(Path("nowhere"), {}, 1.0, started, poll=0)[2]
 
 
 def test_a_sweep_cut_off_keeps_what_it_measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
@@ -294,13 +303,13 @@ def test_a_sweep_cut_off_keeps_what_it_measured(monkeypatch: pytest.MonkeyPatch,
     timings = tmp_path / "timings.jsonl"
     log_file = tmp_path / "sweep.log"
     log_file.write_text("Queued experiment 'a' for future execution.\nQueued experiment 'b' for future execution.\n")
-    monkeypatch.setattr(bench_loop, "timed_dvc", lambda *a: bench_loop.DvcRun([], 1.5, 0, 0.0))
-    monkeypatch.setattr(bench_loop, "run_dvc", lambda *a, **k: None)
+    monkeypatch.setattr(dvc_queue, "timed_dvc", lambda *a: dvc_runs.DvcRun([], 1.5, 0, 0.0))
+    monkeypatch.setattr(dvc_queue, "run_dvc", lambda *a, **k: None)
     stopped = []
-    monkeypatch.setattr(bench_loop, "stop_queue", lambda project, env, running: stopped.append(running) or [])
+    monkeypatch.setattr(dvc_queue, "stop_queue", lambda project, env, running: stopped.append(running) or [])
 
     def start_queue(project, env, jobs, log_file):  # two train stages run, overlapping, and end
-        now = bench_loop.time.time()
+        now = dvc_queue.time.time()
         with open(timings, "a", encoding="utf-8") as out:
             for start, end in ((now + 1, now + 10), (now + 2, now + 12)):
                 row = {"argv": ["/w/stages/train.py"], "start": start, "end": end, "compile": None}
@@ -309,12 +318,12 @@ def test_a_sweep_cut_off_keeps_what_it_measured(monkeypatch: pytest.MonkeyPatch,
     def wait_for_queue(*args):
         raise KeyboardInterrupt("signal 15")
 
-    monkeypatch.setattr(bench_loop, "start_queue", start_queue)
-    monkeypatch.setattr(bench_loop, "wait_for_queue", wait_for_queue)
+    monkeypatch.setattr(dvc_queue, "start_queue", start_queue)
+    monkeypatch.setattr(dvc_queue, "wait_for_queue", wait_for_queue)
     measured: dict = {}
     with pytest.raises(KeyboardInterrupt):
-        bench_loop.run_sweep(tmp_path, {"SAMSUM_BENCH_TIMINGS": str(timings)}, ["lora.r=4,16"], 2, None, log_file,
-                             60.0, measured)
+        dvc_queue.run_sweep(tmp_path, {"SAMSUM_BENCH_TIMINGS": str(timings)}, ["lora.r=4,16"], 2, None, log_file,
+                            60.0, measured)
     assert measured["jobs"] == 2 and measured["experiments_expected"] == 2 and measured["queue_seconds"] == 1.5
     spans = [(p["start_s"], p["end_s"], p["process_s"]) for p in measured["train_processes"]]
     assert [(round(a), round(b), c) for a, b, c in spans] == [(1, 10, 9.0), (2, 12, 10.0)]
@@ -328,13 +337,13 @@ def test_stopping_the_queue_is_bounded_in_time(monkeypatch: pytest.MonkeyPatch):
     def run(args, **kwargs):
         calls.append(args[1:3])
         if args[2] == "kill":
-            raise bench_loop.subprocess.TimeoutExpired(args, kwargs["timeout"])
+            raise dvc_queue.subprocess.TimeoutExpired(args, kwargs["timeout"])
 
-    monkeypatch.setattr(bench_loop.subprocess, "run", run)
-    assert bench_loop.stop_queue(Path("p"), {}, ["a", "b"], timeout=7) == ["dvc queue kill did not return within 7 s"]
+    monkeypatch.setattr(dvc_queue.subprocess, "run", run)
+    assert dvc_queue.stop_queue(Path("p"), {}, ["a", "b"], timeout=7) == ["dvc queue kill did not return within 7 s"]
     assert calls == [["queue", "stop"], ["queue", "kill"]]
     calls.clear()
-    assert bench_loop.stop_queue(Path("p"), {}, []) == [] and calls == [["queue", "stop"]]
+    assert dvc_queue.stop_queue(Path("p"), {}, []) == [] and calls == [["queue", "stop"]]
 
 
 @pytest.mark.slow
@@ -357,7 +366,7 @@ def test_bench_loop_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     second = _read_report(tmp_path / "out2", "loop")
     assert second["failed"] == [] and second["config"]["reused_job"] and second["results"].keys() == {"sweep"}
     job, rerun, sweep = report["results"]["job"], report["results"]["rerun"], second["results"]["sweep"]
-    assert sorted(job["ran"]) == sorted(bench_loop.MODULES) and job["skipped"] == []
+    assert sorted(job["ran"]) == sorted(dvc_runs.MODULES) and job["skipped"] == []
     for row in job["stages"]:  # DVC's time for a stage holds its process, which the timer hook measured
         assert row["process_s"] > 0 and row["wall_s"] >= row["process_s"] - 0.2, row
     assert sum(row["wall_s"] for row in job["stages"]) <= job["wall_s"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_loop import experiments_shown, start_queue, wait_for_queue
+from benchmarks.harness.dvc_queue import experiments_shown, start_queue, wait_for_queue
 from conftest import ROOT, dvc_env, git, make_project, offline_params, run_dvc
 
 pytestmark = pytest.mark.slow

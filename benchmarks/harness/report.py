@@ -16,12 +16,13 @@ import torch
 
 from samsum_qlora.model.loading import peak_memory_gib  # noqa: F401  (the benchmarks report memory as the stages do)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
 
 
 def device_name() -> str:
+    """The GPU's name, or the CPU's model and thread count without CUDA."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     model = platform.processor()
@@ -51,10 +52,12 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
 
 
 def versions() -> dict[str, str | None]:
+    """Python's, CUDA's and the libraries' versions."""
     return {"python": platform.python_version(), "cuda": torch.version.cuda, **package_versions(LIBRARIES)}
 
 
 def memory_kind() -> str:
+    """What the reported peak memory is on this device."""
     if torch.cuda.is_available():
         return "torch.cuda.max_memory_allocated, reset before each setup"
     return "process peak RSS (no GPU): includes everything loaded before, never reset between setups"
@@ -74,6 +77,7 @@ def reset_memory() -> None:
 
 
 def synchronize() -> None:
+    """Wait for the GPU's queued work (nothing without CUDA), before reading a clock."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -94,6 +98,7 @@ def gpu_busy_s(events) -> float | None:
 
 
 def header(benchmark: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The report's common fields: benchmark, date, device, versions, peak memory, source, config."""
     now = datetime.now(timezone.utc)
     return {
         "benchmark": benchmark,
@@ -151,7 +156,7 @@ def source_commit() -> dict[str, Any]:
     try:
         top = _git("rev-parse", "--show-toplevel").strip()
         if Path(top).resolve() == ROOT:
-            changed = _git("status", "--porcelain", "--", "stages", "offline", "benchmarks", "dvc.yaml",
+            changed = _git("status", "--porcelain", "--", "samsum_qlora", "stages", "offline", "benchmarks", "dvc.yaml",
                            "params.yaml").splitlines()
             return {"commit": _git("rev-parse", "HEAD").strip(), "changed_files": changed}
     except (subprocess.CalledProcessError, OSError):

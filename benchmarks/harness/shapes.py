@@ -1,7 +1,7 @@
 """A random-weight model with the exact shape of Llama-3.2-1B (or 3.2-3B, 3.1-8B), saved so that
 `from_pretrained` loads it offline.
 
-    python -m benchmarks.llama_shaped --out /tmp/samsum-bench/llama-1b-shaped [--shape 1B|3B|8B] [--tiny]
+    python -m benchmarks.harness.shapes --out /tmp/samsum-bench/llama-1b-shaped [--shape 1B|3B|8B] [--tiny]
 
 Speed and memory depend on the shape of the network, not on what its weights learned, so the benchmarks use
 this instead of the gated hub checkpoint: nothing is downloaded. The tokenizer is a copy of the offline
@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_TOKENIZER = ROOT / "offline" / "tiny-llama"
 BUNDLED_TRAIN_SPLIT = ROOT / "data" / "samples" / "train.json"
 MARKER = "benchmark_model.json"  # what was built, so a matching folder is reused instead of rebuilt
@@ -199,6 +199,7 @@ def benchmark_model(
 
 
 def main() -> None:
+    """Build the random-weight model in --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, default=None, help="default: offline/tiny-llama")

@@ -1,6 +1,6 @@
 """Synthetic training examples whose lengths follow SAMSum rendered through a Llama 3 chat template.
 
-    python -m benchmarks.lengths [--n 14732] [--seed 0]     # prints the statistics of a sample
+    python -m benchmarks.harness.lengths [--n 14732] [--seed 0]     # prints the statistics of a sample
 
 Throughput depends on how long the sequences are and how unevenly long (that sets the padding), not on which
 token ids they hold, so the ids are random. The distribution:
@@ -33,6 +33,8 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class SamsumLengths:
+    """SAMSum's length model: total tokens log-normal and clipped, the summary a share of them."""
+
     mean: float = 214.0
     sd: float = 110.0
     min_length: int = 60
@@ -113,6 +115,7 @@ def length_summary(lengths: Sequence[int]) -> dict[str, float]:
 
 
 def describe(examples: Sequence[dict[str, list[int]]]) -> dict[str, float]:
+    """The examples' lengths and the share of their tokens that carry loss."""
     lengths = [len(ex["input_ids"]) for ex in examples]
     loss_tokens = sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in examples)
     return {"examples": len(lengths), **length_summary(lengths),
@@ -120,6 +123,7 @@ def describe(examples: Sequence[dict[str, list[int]]]) -> dict[str, float]:
 
 
 def main() -> None:
+    """Print the statistics of a sample."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=14732, help="default: the size of SAMSum's train split")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,12 +1,12 @@
 """A SAMSum-size dialogue–summary dataset written as local files, with SAMSum's token lengths, made offline.
 
-    python -m benchmarks.samsum_size --out /tmp/samsum-bench/samsum-size [--train-rows 14732] [--tokenizer DIR]
+    python -m benchmarks.harness.dataset --out /tmp/samsum-bench/samsum-size [--train-rows 14732] [--tokenizer DIR]
 
 The experiment-loop benchmark (benchmarks/bench_loop.py) feeds the pipeline through DVC, so it needs text, not
 token ids: rows {"id", "dialogue", "summary"} in `data.source` format, as many as SAMSum has (14,732 train,
 818 validation, 819 test). The text is the bundled dataset's synthetic chat (offline/build_dataset.py): each
 row strings together scenes of that generator until its length through the chat template reaches a target
-drawn from benchmarks/lengths.py (log-normal, mean 214 tokens, clipped to [60, 512]; the summary about 15 %
+drawn from benchmarks/harness/lengths.py (log-normal, mean 214 tokens, clipped to [60, 512]; the summary about 15 %
 of it), counted with the benchmark's tokenizer (the offline profile's), so the pipeline trains on as many
 tokens per example, as unevenly spread, as it does on SAMSum with Llama 3.2's tokenizer. The summary is the
 summaries of the row's first scenes, the dialogue as many of their lines as fit.
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from benchmarks.lengths import SAMSUM, length_summary, sample_lengths
+from benchmarks.harness.lengths import SAMSUM, length_summary, sample_lengths
 from offline.build_dataset import dumps_split, make_example
 from samsum_qlora.data.prompt import summary_token_mask
 
@@ -39,6 +39,8 @@ VERSION = 1  # of the composition below: a folder written by another version is 
 
 @dataclass(frozen=True)
 class Recipe:
+    """What a dataset folder was written from: a folder with the same recipe is reused."""
+
     version: int
     sizes: dict[str, int]
     seed: int
@@ -50,6 +52,8 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Scene:
+    """One scene of the bundled generator: its lines and summary, with their token counts."""
+
     lines: list[str]
     line_tokens: list[int]
     summary: str
@@ -125,7 +129,7 @@ def build_splits(
     sizes: dict[str, int] = SAMSUM_SIZES,
     seed: int = 0,
 ) -> dict[str, list[dict[str, str]]]:
-    """Rows per split, their lengths through `tokenizer`'s chat template drawn from benchmarks.lengths.SAMSUM."""
+    """Rows per split, their lengths through `tokenizer`'s chat template drawn from lengths.SAMSUM."""
     overhead = template_overhead(tokenizer, instruction, date_string)
     scenes = scene_pool(tokenizer, POOL, seed)
     costs = join_costs(tokenizer, scenes)
@@ -192,7 +196,8 @@ def dataset_stats(data_dir: str | Path) -> dict:
 
 
 def main() -> None:
-    from benchmarks.llama_shaped import default_tokenizer_dir
+    """Write the SAMSum-size dataset to --out and print its train split's lengths."""
+    from benchmarks.harness.shapes import default_tokenizer_dir
     from samsum_qlora.params import PromptParams
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
