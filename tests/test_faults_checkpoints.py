@@ -28,7 +28,8 @@ def test_a_damaged_trainer_state_is_passed_over_for_the_older_complete_checkpoin
     with caplog.at_level(logging.WARNING):
         assert last_checkpoint(tmp_path) == str(older)
     assert [r.getMessage() for r in caplog.records] == [
-        f"passed over {newest.as_posix()}, which cannot be resumed: trainer_state.json does not parse (JSONDecodeError)"]
+        f"passed over {newest.as_posix()}, which cannot be resumed: "
+        "trainer_state.json does not parse (JSONDecodeError)"]
     assert (newest / "trainer_state.json").read_bytes() == state  # nothing the user had is touched
 
 
