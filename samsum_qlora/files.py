@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -24,6 +25,45 @@ def _remove_stale_temps(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def size_text(n: float) -> str:
+    """A byte count for people: 1.2 GB, 340 kB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def free_space(folder: str | Path) -> int:
+    """Bytes free on the file system of `folder` (or of its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether `err` says the disk is full: ENOSPC from Python, or the same error as a library's text (safetensors
+    and other Rust or C++ writers report it as "No space left on device (os error 28)")."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(err)
+
+
+def disk_full_error(path: str | Path, kept: str, needed: int | None = None) -> PipelineError:
+    """The one line for a write that ran out of disk space: the file, what it needed, the space free and what was
+    kept."""
+    folder = Path(path).parent
+    wanted = f"more than {size_text(needed)} needed, " if needed else ""
+    return PipelineError(f"no space left on the device while writing {Path(path).as_posix()} ({wanted}"
+                         f"{size_text(free_space(folder))} free in {folder.as_posix()}/); {kept}; "
+                         "free some space and run the same command again")
+
+
+def _previous_kept(path: Path) -> str:
+    return f"the previous {path.as_posix()} is kept unchanged" if path.exists() else "nothing was written"
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file beside `path`; on success it replaces `path`, on error it is removed."""
@@ -37,9 +77,12 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if disk_full(err):
+            raise disk_full_error(path, _previous_kept(path), written) from None
         raise
 
 
@@ -60,8 +103,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(err):
+            raise disk_full_error(path, _previous_kept(path), written) from None
         raise
 
 

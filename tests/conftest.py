@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -52,3 +53,18 @@ def imported_modules(path: Path) -> set[str]:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
     return names
+
+
+def complete_checkpoint(folder: Path, state: dict | None = None) -> Path:
+    """A `checkpoint-<step>` folder with every file a resume reads, made of stand-ins: enough for the checks of
+    which checkpoint is complete, not for restoring one."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    step = int(folder.name.split("-")[-1])
+    (folder / "trainer_state.json").write_text(json.dumps(state if state is not None else {"global_step": step}))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (folder / name).write_bytes(b"stand-in")
+    save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+    return folder

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import dvc_env, make_project, offline_params, run_dvc
+from conftest import complete_checkpoint, dvc_env, make_project, offline_params, run_dvc
 from samsum_qlora.training.checkpoints import interrupted_advice, last_checkpoint, resume_advice
 
 pytestmark = pytest.mark.slow
@@ -184,8 +184,7 @@ def test_a_killed_process_stops_the_run_which_then_resumes(prepared, tmp_path):
 
 
 def test_a_checkpoint_cut_off_while_saving_is_passed_over(tmp_path):
-    (tmp_path / "checkpoint-5").mkdir()
-    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    complete_checkpoint(tmp_path / "checkpoint-5")
     (tmp_path / "checkpoint-10").mkdir()  # killed before the Trainer wrote its state, which comes last
     (tmp_path / "checkpoint-10" / "adapter_model.safetensors").write_bytes(b"")
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_MODEL, offline_params
+from conftest import TINY_MODEL, complete_checkpoint, offline_params
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.model.lora import check_target_modules, checkpointing_on
 from samsum_qlora.params import parse_params
@@ -70,16 +70,13 @@ def test_checkpoints_are_resumed_only_for_the_same_fingerprint(tmp_path):
     assert checkpoint_to_resume("aaa", folder) is None  # nothing yet: start, and mark the folder
     assert json.loads((folder / RUN_FINGERPRINT).read_text()) == {"fingerprint": "aaa"}
     for step in (2, 4):
-        (folder / f"checkpoint-{step}").mkdir()
-        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        complete_checkpoint(folder / f"checkpoint-{step}")
     assert checkpoint_to_resume("aaa", folder) == str(folder / "checkpoint-4")
     # The last checkpoint of a finished run is not resumed: a forced re-run trains anew.
     (folder / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "max_steps": 4}')
     assert checkpoint_to_resume("aaa", folder) is None and not (folder / "checkpoint-2").exists()
     for step in (2, 4):
-        (folder / f"checkpoint-{step}").mkdir()
-        state = {"global_step": step, "max_steps": 8}
-        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(state))
+        complete_checkpoint(folder / f"checkpoint-{step}", {"global_step": step, "max_steps": 8})
     assert checkpoint_to_resume("aaa", folder) == str(folder / "checkpoint-4")
     assert checkpoint_to_resume("bbb", folder) is None  # other params: cleared, start clean
     assert not (folder / "checkpoint-4").exists()

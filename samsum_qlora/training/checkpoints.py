@@ -15,10 +15,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
+from samsum_qlora import distributed
 from samsum_qlora.errors import PipelineError
+from samsum_qlora.files import disk_full, free_space, size_text
 from samsum_qlora.params import Params
 from samsum_qlora.paths import CHECKPOINTS
 
@@ -88,6 +91,8 @@ def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS
     if checkpoints.exists():
         if last:
             log.info("%s holds a finished run: training anew", checkpoints)
+        elif marker.is_file() and _marked_fingerprint(marker) == fingerprint:
+            log.info("%s holds no complete checkpoint of this run: starting clean", checkpoints)
         elif any(p.name != RUN_FINGERPRINT for p in checkpoints.iterdir()):
             log.info("%s holds checkpoints of other params or data: starting clean", checkpoints)
         shutil.rmtree(checkpoints)
@@ -96,28 +101,60 @@ def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS
     return None
 
 
-def last_checkpoint(checkpoints: str | Path = CHECKPOINTS) -> str | None:
-    """The newest complete `checkpoint-<step>` folder, if any: the Trainer writes trainer_state.json last, so a
-    folder without it was cut off while it was being saved (a killed process) and is passed over."""
-    # Not transformers' get_last_checkpoint: it takes the newest folder whether or not trainer_state.json is there.
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """What keeps a `checkpoint-<step>` folder from being resumed ("optimizer.pt is missing", …), or None when
+    every file a resume reads is there and parses."""
+    folder = Path(checkpoint)
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "trainer_state.json is missing"
+    except (OSError, ValueError) as err:
+        return f"trainer_state.json does not parse ({type(err).__name__})"
+    if not isinstance(state, dict) or "global_step" not in state:
+        return "trainer_state.json has no global_step"
+    # The Trainer loads the optimizer only when scheduler.pt is there too, and silently goes on without both.
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (folder / name).is_file() or (folder / name).stat().st_size == 0:
+            return f"{name} is missing or empty"
+    try:
+        with safe_open(folder / "adapter_model.safetensors", framework="pt"):
+            pass
+    except Exception as err:  # missing, cut off or not safetensors: safetensors raises its own error types
+        return f"adapter_model.safetensors does not open ({type(err).__name__})"
+    rng = list(folder.glob("rng_state*.pth"))  # rng_state.pth, or rng_state_<rank>.pth for several processes
+    if not rng or any(p.stat().st_size == 0 for p in rng):
+        return "the random state (rng_state*.pth) is missing or empty"
+    return None
+
+
+def last_checkpoint(checkpoints: str | Path = CHECKPOINTS, say: bool = True) -> str | None:
+    """The newest complete `checkpoint-<step>` folder, if any; newer incomplete ones (cut off while being saved, by
+    a kill or a full disk) are passed over, each said in one line unless `say` is False."""
+    # Not transformers' get_last_checkpoint: it takes the newest folder whether or not it is complete.
     folder = Path(checkpoints)
     if not folder.is_dir():
         return None
-    complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-                and (p / "trainer_state.json").is_file()]
-    return str(max(complete, key=lambda p: checkpoint_step(str(p)))) if complete else None
+    numbered = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and p.is_dir()]
+    for candidate in sorted(numbered, key=lambda p: checkpoint_step(str(p)), reverse=True):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return str(candidate)
+        if say:
+            log.warning("passed over %s, which cannot be resumed: %s", candidate.as_posix(), problem)
+    return None
 
 
 def resume_advice(checkpoints: str | Path = CHECKPOINTS) -> str:
     """What the next `dvc repro` does after a run that stopped: resume from the last checkpoint, or start over."""
-    last = last_checkpoint(checkpoints)
+    last = last_checkpoint(checkpoints, say=False)
     return (f"the last checkpoint {last} is kept and `dvc repro` resumes from it" if last
             else "no checkpoint had been saved yet, so `dvc repro` starts over")
 
 
 def interrupted_advice(checkpoints: str | Path = CHECKPOINTS) -> str:
     """What to do after Ctrl-C stopped training: the same command resumes from the last checkpoint, if any."""
-    last = last_checkpoint(checkpoints)
+    last = last_checkpoint(checkpoints, say=False)
     return (f"run the same command again to resume from the last checkpoint, {last}" if last
             else "no checkpoint had been saved yet, so running the same command again starts over")
 
@@ -134,19 +171,60 @@ def tokens_seen(checkpoint: str | None) -> int:
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
 
 
+def _checkpoint_write_failed(err: BaseException, trainer: Trainer) -> PipelineError | None:
+    """The one line for a checkpoint that could not be written for lack of disk space (ENOSPC, or torch's
+    "unexpected pos" when optimizer.pt was cut short with little space left), after removing the half-written
+    folder; None when `err` is something else."""
+    output_dir = Path(trainer.args.output_dir)
+    writing = output_dir / f"checkpoint-{trainer.state.global_step}"
+    free = free_space(output_dir)
+    last = last_checkpoint(output_dir, say=False)
+    needed = sum(f.stat().st_size for f in Path(last).iterdir() if f.is_file()) if last else None
+    # torch's zip writer reports a failed write only as a position mismatch, which a full disk is the usual cause
+    # of; with room for a whole checkpoint left, it is some other fault and propagates as it is.
+    torch_cut_short = isinstance(err, RuntimeError) and "unexpected pos" in str(err)
+    if not (disk_full(err) or (torch_cut_short and free < (needed or 1 << 30))):
+        return None
+    if writing.is_dir() and checkpoint_problem(writing) is not None:
+        shutil.rmtree(writing, ignore_errors=True)  # half-written: no later run may take it for a checkpoint
+    wanted = f"a checkpoint needs about {size_text(needed)}, " if needed else ""
+    kept = (f"the last complete checkpoint {Path(last).as_posix()} is kept and running again resumes from it"
+            if last else "no complete checkpoint had been saved yet, so running again starts over")
+    return PipelineError(f"no space left on the device while writing {writing.as_posix()} ({wanted}"
+                         f"{size_text(free)} free in {output_dir.as_posix()}/); it was removed and {kept}; "
+                         "free some space and run the same command again")
+
+
+def _set_aside(checkpoint: str) -> str:
+    """Rename a checkpoint that failed to restore to `<name>.damaged` (kept for a look, passed over from now on)."""
+    aside = Path(f"{checkpoint}.damaged")
+    if distributed.is_main():  # one process renames; the others fail on the same files
+        shutil.rmtree(aside, ignore_errors=True)
+        Path(checkpoint).rename(aside)
+    return aside.as_posix()
+
+
 def train_resuming(trainer: Trainer, resume_from: str | None) -> tuple[TrainOutput, int]:
-    """trainer.train(), resumed from `resume_from`: its result and the tokens trained in this run. A failure to
-    restore that checkpoint says how to start clean."""
+    """trainer.train(), resumed from `resume_from`: its result and the tokens trained in this run. A checkpoint that
+    fails to restore is set aside so the next run resumes from the one before; a checkpoint that cannot be written
+    for lack of space is removed, the last complete one kept."""
     try:
         before = tokens_seen(resume_from)
         return trainer.train(resume_from_checkpoint=resume_from), trainer.state.num_input_tokens_seen - before
     except torch.OutOfMemoryError:
         raise  # not the checkpoint's fault, even in the first step after it
     except Exception as err:  # a damaged checkpoint fails in json, safetensors or torch.load
+        write_failed = _checkpoint_write_failed(err, trainer)
+        if write_failed is not None:
+            raise write_failed from None
         # Only a failure while restoring the checkpoint is its fault; later errors propagate.
         if resume_from is None or trainer.state.global_step > checkpoint_step(resume_from):
             raise
+        aside = _set_aside(resume_from)
+        older = last_checkpoint(Path(resume_from).parent, say=False)
+        then = (f"running the same command again resumes from the next older complete checkpoint, {older}" if older
+                else "running the same command again starts over, as no older complete checkpoint is left")
         raise PipelineError(
-            f"could not resume from {resume_from} ({type(err).__name__}: {str(err)[:200]}); "
-            f"delete {Path(trainer.args.output_dir).as_posix()}/ to start clean"
+            f"could not resume from {resume_from} ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+            f"it was moved aside to {aside} and {then}"
         ) from None
