@@ -6,6 +6,7 @@ import contextlib
 import errno
 import glob
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -14,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from samsum_qlora.errors import PipelineError
+
+log = logging.getLogger(__name__)
+# What a saved config may hold that makes a loader with trust_remote_code=True import code from the folder or the hub:
+# transformers' `auto_map` (config.json, tokenizer_config.json) and peft's `auto_mapping` (adapter_config.json).
+CODE_POINTERS = {"config.json": "auto_map", "tokenizer_config.json": "auto_map", "adapter_config.json": "auto_mapping"}
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -111,18 +117,52 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _not_utf8(path: str | Path, where: str, err: UnicodeEncodeError) -> PipelineError:
+    bad = err.object[err.start:err.end].encode("unicode_escape").decode("ascii")
+    return PipelineError(f"{path}{where}: text UTF-8 cannot hold ({bad}, a lone surrogate) at character {err.start}; "
+                         f"nothing was written and {path} was left as it was; fix or drop that row where it came from")
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write `data` as indented UTF-8 JSON, atomically."""
-    with atomic_file(path) as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    try:
+        with atomic_file(path) as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    except UnicodeEncodeError as err:
+        raise _not_utf8(path, "", err) from None
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write one JSON object per line, atomically."""
+    """Write one JSON object per line, atomically; a row UTF-8 cannot hold is named by its line and id."""
     with atomic_file(path) as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for number, row in enumerate(rows, 1):
+            try:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            except UnicodeEncodeError as err:
+                row_id = row.get("id") if isinstance(row, dict) else None
+                where = f":{number}" + (f" (id {str(row_id).encode('unicode_escape').decode('ascii')})"
+                                        if row_id is not None else "")
+                raise _not_utf8(path, where, err) from None
+
+
+def drop_code_pointers(folder: str | Path, shown_as: str | Path) -> list[str]:
+    """Remove custom-code pointers from the configs the project saved into `folder` (logged as `shown_as`): the
+    project never ran that code, so whoever loads its output must not be led to run it."""
+    dropped = []
+    for name, key in CODE_POINTERS.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config, dict) and config.get(key) is not None:
+            del config[key]
+            write_json(path, config)
+            dropped.append(f"{name}: {key}")
+    if dropped:
+        log.info("%s: dropped the custom-code pointers (%s) the base named: the project did not run that code",
+                 shown_as, "; ".join(dropped))
+    return dropped
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -24,7 +24,7 @@ import logging
 import torch
 
 from samsum_qlora.errors import PipelineError, run_stage
-from samsum_qlora.files import atomic_dir
+from samsum_qlora.files import atomic_dir, drop_code_pointers
 from samsum_qlora.params import Params, load_params
 from samsum_qlora.paths import ADAPTER, MERGED
 
@@ -62,6 +62,7 @@ def export(params: Params, adapter: str, out: str, dtype: torch.dtype, original:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        drop_code_pointers(tmp, out)
     weights = "the base as published" if original else (
         "the 4-bit base unpacked" if params.quantization.use_4bit else "the base")
     log.info("merged model (%s, %s) written to %s", weights, str(dtype).removeprefix("torch."), out)

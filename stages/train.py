@@ -21,7 +21,7 @@ from datasets import DatasetDict, load_from_disk
 
 from samsum_qlora import distributed
 from samsum_qlora.errors import PipelineError, run_stage
-from samsum_qlora.files import atomic_dir, write_json
+from samsum_qlora.files import atomic_dir, drop_code_pointers, write_json
 from samsum_qlora.model.loading import peak_memory_gib
 from samsum_qlora.params import Params, load_params
 from samsum_qlora.paths import ADAPTER, TOKENIZED, TRAIN_METRICS, TRAIN_RUN
@@ -48,6 +48,11 @@ def load_tokenized() -> DatasetDict:
         data = load_from_disk(TOKENIZED)
     except FileNotFoundError:
         raise PipelineError(f"{TOKENIZED} not found: run `dvc repro tokenize_mask` first") from None
+    except Exception as err:  # a truncated or damaged Arrow file: pyarrow, OS and datasets errors alike
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise PipelineError(f"{TOKENIZED} could not be read ({type(err).__name__}: {reason}): a file in it is "
+                            "damaged; re-create it with `dvc repro tokenize_mask` (or `dvc repro`); nothing was "
+                            "trained") from None
     if not isinstance(data, DatasetDict) or "train" not in data:
         raise PipelineError(f"{TOKENIZED} has no train split: re-run `dvc repro tokenize_mask`")
     return data
@@ -110,6 +115,7 @@ def train(params: Params) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's empty card template; the card stage writes the card
+        drop_code_pointers(tmp, ADAPTER)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     micro_batches = sum(passes for _, passes, _ in per_process)
     # Under a plan that checkpoints per pass: the decoder layers a pass checkpointed, on average.

@@ -310,7 +310,7 @@ def test_evaluating_a_corrupted_adapter_says_how_to_restore_it(tmp_path):
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])  # a copy cut short
     fails_cleanly(root, ("stages.evaluate", "adapter"), "models/adapter/ could not be loaded",
-                  "`dvc checkout models/adapter`", "`dvc repro -f train`")
+                  "`dvc checkout --force models/adapter` (seconds", "`dvc repro -f train` (trains again from scratch)")
 
 
 def test_adapter_without_safetensors_weights_is_refused(tmp_path):

@@ -183,9 +183,10 @@ def test_every_drop_reason_is_counted(tmp_path, monkeypatch):
     out = run_main(tmp_path, monkeypatch, source="d")
 
     m = out["metrics"]["train"]
-    assert m["dropped"] == {"dialogue_missing": 4, "dialogue_not_text": 2, "dialogue_empty": 1,
-                            "summary_missing": 1, "summary_not_text": 1, "summary_empty": 1,
-                            "dialogue_too_long": 1, "duplicate_id": 2}
+    assert m["dropped"] == {"dialogue_missing": 4, "dialogue_not_text": 2, "dialogue_invalid_unicode": 0,
+                            "dialogue_empty": 1, "summary_missing": 1, "summary_not_text": 1,
+                            "summary_invalid_unicode": 0, "summary_empty": 1, "dialogue_too_long": 1,
+                            "duplicate_id": 2}
     assert (m["rows_in"], m["rows_usable"], m["rows_out"]) == (19, 6, 6)
     ids = [row["id"] for row in out["train"]]
     assert ids == ["a", "b", "m", "c", derive_id("train", good["dialogue"], good["summary"]),

@@ -2,7 +2,8 @@
 the statistics metrics/data.json reports of a split.
 
 A row is dropped, and counted under the first reason in DROP_REASONS that applies, when a field is missing, not
-text or empty, when the dialogue is too long, or when its id repeats an earlier kept row of the same split.
+text, not writable as UTF-8 (a lone surrogate, which JSON's `\\ud800` escapes can hold) or empty, when the dialogue
+is too long, or when its id repeats an earlier kept row of the same split.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from samsum_qlora.data.sources import Table
+from samsum_qlora.data.sources import Table, name_list
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.params import DataParams
 
@@ -24,8 +25,8 @@ logger = logging.getLogger(__name__)
 # document, a scraping error) and would only be truncated to the prompt's token budget later.
 MAX_DIALOGUE_CHARS = 20_000
 DROP_REASONS = (
-    "dialogue_missing", "dialogue_not_text", "dialogue_empty",
-    "summary_missing", "summary_not_text", "summary_empty",
+    "dialogue_missing", "dialogue_not_text", "dialogue_invalid_unicode", "dialogue_empty",
+    "summary_missing", "summary_not_text", "summary_invalid_unicode", "summary_empty",
     "dialogue_too_long", "duplicate_id",
 )
 
@@ -42,11 +43,22 @@ def derive_id(split: str, dialogue: str, summary: str) -> str:
     return f"{split}-{digest[:12]}"
 
 
+def encodes(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (a lone surrogate cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text_or_reason(value: Any, field: str) -> tuple[str | None, str | None]:
     if value is None or (isinstance(value, float) and math.isnan(value)):  # NaN: pandas' null
         return None, f"{field}_missing"
     if not isinstance(value, str):
         return None, f"{field}_not_text"
+    if not encodes(value):
+        return None, f"{field}_invalid_unicode"
     text = normalize_text(value)
     return (text, None) if text else (None, f"{field}_empty")
 
@@ -56,7 +68,7 @@ def _given_id(value: Any) -> str | None:
         return None
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
         return str(int(value))
-    if isinstance(value, str) and value.strip():
+    if isinstance(value, str) and value.strip() and encodes(value):  # an id UTF-8 cannot hold is derived instead
         return value.strip()
     return None
 
@@ -66,7 +78,7 @@ def check_columns(table: Table, data: DataParams) -> None:
     for param, column in (("dialogue_column", data.dialogue_column), ("summary_column", data.summary_column)):
         if column not in table.columns:
             raise PipelineError(f"{table.origin} has no column {column!r} (columns found: "
-                                f"{', '.join(table.columns) or 'none'}); set data.{param} to the column that "
+                                f"{name_list(table.columns)}); set data.{param} to the column that "
                                 f"holds it, e.g. -S data.{param}=NAME")
 
 
@@ -97,7 +109,7 @@ def clean_rows(table: Table, split: str, data: DataParams) -> tuple[list[dict[st
         counts = ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "the split has no rows"
         raise PipelineError(f"the {split} split ({table.origin}) has no usable rows out of {len(table.rows)} "
                             f"({counts}); each row needs a dialogue (text, at most {MAX_DIALOGUE_CHARS:,} "
-                            "characters) and a summary, neither empty")
+                            "characters) and a summary, neither empty nor with text UTF-8 cannot hold")
     return kept, dropped
 
 

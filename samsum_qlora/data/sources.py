@@ -29,6 +29,22 @@ LOCAL_HINT = ("set `data.source: path/to/folder` in params.yaml, or `dvc exp run
               "for an experiment (one train/validation/test file each; see stages/prepare.py)")
 
 
+# Errors name what was found, but a few names only and each shortened: data.source may point at any folder or file
+# (`../../../etc`, a link to /etc/passwd named .csv), and an error must not list that folder or echo that file.
+LISTED_NAMES = 5
+NAME_CHARS = 40
+
+
+def name_list(names: list[str], limit: int = LISTED_NAMES, width: int = NAME_CHARS) -> str:
+    """At most `limit` names, each cut to `width` characters (non-printable ones escaped), then "and N more"."""
+    def short(name: str) -> str:
+        name = name if name.isprintable() else repr(name)[1:-1]
+        return name if len(name) <= width else name[:width - 1] + "…"
+
+    shown = ", ".join(short(str(name)) for name in names[:limit]) or "none"
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
 @dataclass(frozen=True)
 class Table:
     """Rows of one split, with the columns they have and where they came from (for messages)."""
@@ -133,7 +149,7 @@ def split_by_column(table: Table) -> dict[str, Table]:
     """Split one table into train/validation/test by its `split` column."""
     if SPLIT_COLUMN not in table.columns:
         raise PipelineError(f"{table.origin} has no {SPLIT_COLUMN!r} column (columns found: "
-                            f"{', '.join(table.columns)}); a single file needs one with values train, "
+                            f"{name_list(table.columns)}); a single file needs one with values train, "
                             "validation, test; or use a folder with one file per split")
     groups: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
     unknown = set()
@@ -146,7 +162,7 @@ def split_by_column(table: Table) -> dict[str, Table]:
             groups[split].append(row)
     if unknown:
         raise PipelineError(f"{table.origin}: unknown values in the {SPLIT_COLUMN!r} column: "
-                            f"{', '.join(sorted(unknown))}; expected train, validation or test")
+                            f"{name_list(sorted(unknown))}; expected train, validation or test")
     missing = [name for name in SPLITS if not groups[name]]
     if missing:
         found = [name for name in SPLITS if groups[name]]
@@ -171,7 +187,7 @@ def read_local(path: Path) -> dict[str, Table]:
         files[split] = candidate
     missing = [split for split in SPLITS if split not in files]
     if missing:
-        raise PipelineError(f"{path} has no {missing[0]} file (found: {', '.join(entries) or 'nothing'}); "
+        raise PipelineError(f"{path} has no {missing[0]} file (found: {name_list(entries)}); "
                             f"expected train.*, validation.* (or val/valid/dev), test.* "
                             f"with an extension among {', '.join(FORMATS)}")
     return {split: read_table(files[split]) for split in SPLITS}
@@ -206,7 +222,7 @@ def load_hub(dataset_id: str, revision: str) -> dict[str, Table]:
     missing = [split for split in SPLITS if split not in found]
     if missing:
         raise PipelineError(f"hub dataset {dataset_id!r} has no {missing[0]} split "
-                            f"(splits found: {', '.join(loaded) or 'none'})")
+                            f"(splits found: {name_list(list(loaded))})")
     return {split: Table(f"{dataset_id} [{split}]", list(found[split].column_names), found[split].to_list())
             for split in SPLITS}
 

@@ -35,7 +35,8 @@ def load_adapter(base: torch.nn.Module, path: str = ADAPTER) -> torch.nn.Module:
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise PipelineError(
             f"{path}/ could not be loaded ({type(err).__name__}: {reason}); "
-            f"restore it with `dvc checkout {path}` or re-create it with `dvc repro -f train`"
+            f"restore it from the DVC cache with `dvc checkout --force {path}` (seconds; --force because it replaces "
+            f"the damaged files), or re-create it with `dvc repro -f train` (trains again from scratch)"
         ) from None
 
 
