@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -65,10 +66,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def finite_or_none(data: Any) -> Any:
+    """`data` with every inf/NaN float, however deep in dicts and lists, turned into None (null in JSON)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_or_none(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(value) for value in data]
+    return data
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    """Write `data` as indented UTF-8 JSON, atomically."""
+    """Write `data` as indented UTF-8 JSON, atomically; an inf/NaN raises ValueError (JSON has neither: null it
+    with finite_or_none where null is what the file means) and the old file is kept."""
     with atomic_file(path) as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
+        json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=False)
         f.write("\n")
 
 
@@ -76,7 +89,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     """Write one JSON object per line, atomically."""
     with atomic_file(path) as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
