@@ -44,6 +44,7 @@ import torch
 
 from benchmarks.harness import report
 from benchmarks.harness.shapes import LLAMA_3_2_1B, TINY, benchmark_model
+from samsum_qlora.files import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ def write_profile(profiler: cProfile.Profile, path: Path) -> None:
 def run_child(spec: dict[str, Any], cache: Path) -> dict[str, Any]:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_compile", "--child", json.dumps(spec)],
+    child_spec = json.dumps(spec, allow_nan=False)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_compile", "--child", child_spec],
                           env=env, capture_output=True, text=True)
     seconds = round(time.perf_counter() - started, 2)
     line = next((ln for ln in reversed(done.stdout.splitlines()) if ln.startswith(RESULT)), None)
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.child:
-        print(RESULT + json.dumps(child(json.loads(args.child))), flush=True)
+        print(RESULT + json.dumps(finite_or_none(child(json.loads(args.child))), allow_nan=False), flush=True)
         return None
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))

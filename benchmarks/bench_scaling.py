@@ -47,6 +47,7 @@ from benchmarks.harness.shapes import LLAMA_3_2_1B, TINY, benchmark_model
 from benchmarks.harness.workers import Run, combine, measure_run
 from offline.run import merge
 from samsum_qlora import distributed
+from samsum_qlora.files import finite_or_none
 
 log = logging.getLogger("benchmarks.bench_scaling")
 
@@ -111,7 +112,7 @@ def work(config: Path) -> dict[str, Any] | None:
     if not distributed.is_main():
         return None
     result = combine(run, shares)
-    Path(run.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    Path(run.result).write_text(json.dumps(finite_or_none(result), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return result
 
 

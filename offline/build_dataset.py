@@ -415,7 +415,7 @@ def build_splits(seed: int = DEFAULT_SEED, sizes: dict[str, int] = SPLIT_SIZES) 
 
 def dumps_split(rows: list[dict[str, str]]) -> str:
     """Serialise one split exactly as it is committed (stable bytes for the regeneration test)."""
-    return json.dumps(rows, ensure_ascii=False, indent=1) + "\n"
+    return json.dumps(rows, ensure_ascii=False, indent=1, allow_nan=False) + "\n"
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def set_flags(overrides: dict) -> list[str]:
     """`-S key=value` arguments for `dvc exp run`, values written so that DVC's YAML parser reads them back."""
     flags = []
     for key, value in leaves(overrides).items():
-        text = value if isinstance(value, str) else json.dumps(value)
+        text = value if isinstance(value, str) else json.dumps(value, allow_nan=False)
         flags += ["-S", f"{key}={text}"]
     return flags
 

@@ -7,6 +7,7 @@ import errno
 import glob
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -123,11 +124,23 @@ def _not_utf8(path: str | Path, where: str, err: UnicodeEncodeError) -> Pipeline
                          f"nothing was written and {path} was left as it was; fix or drop that row where it came from")
 
 
+def finite_or_none(data: Any) -> Any:
+    """`data` with every inf/NaN float, however deep in dicts and lists, turned into None (null in JSON)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_or_none(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(value) for value in data]
+    return data
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    """Write `data` as indented UTF-8 JSON, atomically."""
+    """Write `data` as indented UTF-8 JSON, atomically; an inf/NaN raises ValueError (JSON has neither: null it
+    with finite_or_none where null is what the file means) and the old file is kept."""
     try:
         with atomic_file(path) as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
+            json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=False)
             f.write("\n")
     except UnicodeEncodeError as err:
         raise _not_utf8(path, "", err) from None
@@ -138,7 +151,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     with atomic_file(path) as f:
         for number, row in enumerate(rows, 1):
             try:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
             except UnicodeEncodeError as err:
                 row_id = row.get("id") if isinstance(row, dict) else None
                 where = f":{number}" + (f" (id {str(row_id).encode('unicode_escape').decode('ascii')})"

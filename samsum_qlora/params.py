@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, with_config
+from pydantic import AllowInfNan, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, with_config
 
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.params_text import fields_of, one_line_error, reference_markdown
@@ -36,9 +36,10 @@ def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value  # a single name given on the CLI: -S lora.target_modules=q_proj
 
 
-# YAML's types, strictly: "8" is not an integer, 2.5 is not one either, "yes" is not true; an integer is a number.
+# YAML's types, strictly: "8" is not an integer, 2.5 is not one either, "yes" is not true; an integer is a number;
+# .inf and .nan (or "inf" from the CLI) are not numbers a run can use.
 Int = Annotated[int, Strict()]
-Number = Annotated[float, BeforeValidator(_yaml_number), Strict()]
+Number = Annotated[float, BeforeValidator(_yaml_number), Strict(), AllowInfNan(False)]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 Names = Annotated[list[Annotated[str, Strict(), Field(min_length=1)]], BeforeValidator(_one_or_many)]
@@ -150,6 +151,9 @@ class TrainingParams:
     weight_decay: Annotated[Number, param("AdamW weight decay", ge=0)] = 0.0
     max_grad_norm: Annotated[Number, param("gradient clipping norm", note="0 disables clipping", ge=0)] = 1.0
     logging_steps: Annotated[Int, param("train loss is logged (and plotted) every N optimizer steps", gt=0)] = 10
+    nonfinite_patience: Annotated[Int, param(
+        "stop when the logged loss or grad_norm is inf/NaN at N logged steps in a row; 2 lets fp16's loss scaler "
+        "skip one overflowing step, while NaN weights never recover", gt=0)] = 2
     save_strategy: Annotated[Literal["steps", "epoch", "no"], param("when checkpoints are written")] = "steps"
     save_steps: Annotated[Int, param("checkpoint into models/checkpoints/ every N steps (resume after "
                                      "interruption)", gt=0)] = 100

@@ -190,6 +190,10 @@ def one_line_error(schema: type, raw: dict, err: ValidationError) -> str:
     if all(_is_type_error(e, field) for e in errors):
         expected = _type_name(_item_type(core) if len(path) > depth else core)
         return f"{full} is {value!r} ({type(value).__name__}); expected {expected}"
+    if any(e["type"] == "finite_number" for e in errors):  # .inf, .nan, or "inf" from the CLI
+        whole = path[:depth]
+        expected = accepted(field).replace("a number", "a finite number", 1)
+        return f"{_name(whole)} is {_shown(_at(raw, whole), core)!r}; expected {expected}"
     if all(e["type"].startswith(RANGE_ERRORS) for e in errors):
         whole = path[:depth]
         return f"{_name(whole)} is {_shown(_at(raw, whole), core)!r}; expected {accepted(field)}"

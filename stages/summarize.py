@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("%d summaries written to %s", len(results), args.output)
     elif many:
         for r in results:
-            print(json.dumps(r, ensure_ascii=False))
+            print(json.dumps(r, ensure_ascii=False, allow_nan=False))
     else:
         print(results[0]["summary"])
 

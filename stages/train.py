@@ -21,10 +21,10 @@ from datasets import DatasetDict, load_from_disk
 
 from samsum_qlora import distributed
 from samsum_qlora.errors import PipelineError, run_stage
-from samsum_qlora.files import atomic_dir, drop_code_pointers, write_json
+from samsum_qlora.files import atomic_dir, drop_code_pointers, finite_or_none, write_json
 from samsum_qlora.model.loading import peak_memory_gib
 from samsum_qlora.params import Params, load_params
-from samsum_qlora.paths import ADAPTER, TOKENIZED, TRAIN_METRICS, TRAIN_RUN
+from samsum_qlora.paths import ADAPTER, CHECKPOINTS, TOKENIZED, TRAIN_METRICS, TRAIN_RUN
 from samsum_qlora.training.checkpoints import (
     checkpoint_step,
     checkpoint_to_resume,
@@ -35,6 +35,7 @@ from samsum_qlora.training.checkpoints import (
     train_resuming,
 )
 from samsum_qlora.training.curves import curves_callback
+from samsum_qlora.training.guards import check_finite_weights
 from samsum_qlora.training.microbatch import out_of_memory_error
 from samsum_qlora.training.setup import prepare_training
 from samsum_qlora.training.trainer import final_eval_loss
@@ -101,6 +102,7 @@ def train(params: Params) -> None:
     try:
         result, tokens = train_resuming(trainer, resume_from)  # tokens of all processes
         runtime = time.perf_counter() - start
+        run.guard.raise_if_stopped(CHECKPOINTS)  # an inf/NaN loss: no adapter, metrics untouched
         eval_loss = final_eval_loss(trainer) if has_eval else None
     except torch.OutOfMemoryError as err:
         raise out_of_memory_error(err, trainer, params.training, plan=plan) from None
@@ -111,6 +113,7 @@ def train(params: Params) -> None:
     if not distributed.is_main():
         return
 
+    check_finite_weights(model)
     with atomic_dir(ADAPTER) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
@@ -126,8 +129,9 @@ def train(params: Params) -> None:
     # Short names: `dvc exp show` opens with these columns, and a terminal is 160 characters wide (hence no process
     # count here: it is the training.num_processes column, and num_processes below).
     write_json(TRAIN_METRICS, {
-        "train_loss": round(losses[-1], 4) if losses else None,
-        "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
+        # A non-finite eval_loss (the validation split overflowed) is null: JSON has no NaN.
+        "train_loss": finite_or_none(round(losses[-1], 4)) if losses else None,
+        "eval_loss": finite_or_none(round(eval_loss, 4)) if eval_loss is not None else None,
         "tokens_per_s": round(tokens / runtime, 1),  # all processes together
         "peak_memory_gib": max(peak for peak, *_ in per_process),  # of the fullest GPU (or process on CPU)
         "runtime_s": round(runtime, 2),

@@ -185,7 +185,8 @@ def write_dataset(
         (out_dir / f"{split}.json").write_text(dumps_split(rows), encoding="utf-8")
     sample = splits["train"][:2000]  # the whole split takes ~10 s to render; 2,000 rows pin the mean to ~±3
     stats = template_lengths(tokenizer, sample, instruction, date_string)
-    marker.write_text(json.dumps({"recipe": recipe, "train_sample": stats}, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps({"recipe": recipe, "train_sample": stats}, indent=2, allow_nan=False)
+    marker.write_text(text + "\n", encoding="utf-8")
     log.info("wrote %s rows to %s; train sample through the template: %s", sizes, out_dir, stats)
     return out_dir
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from samsum_qlora.files import finite_or_none
 from samsum_qlora.model.loading import peak_memory_gib  # noqa: F401  (the benchmarks report memory as the stages do)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +126,8 @@ def write_results(report: dict[str, Any], out_dir: str | Path = RESULTS, tiny: b
     name = f"{report['benchmark']}-{device_slug()}{''.join(suffix)}.json"
     path = Path(out_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    # A measurement that came out inf/NaN (a diverged loss) is written as null: JSON has neither.
+    path.write_text(json.dumps(finite_or_none(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 

@@ -180,7 +180,7 @@ def build_llama_1b_shaped(
     n_params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    marker.write_text(json.dumps(recipe, indent=2) + "\n")
+    marker.write_text(json.dumps(recipe, indent=2, allow_nan=False) + "\n")
     log.info("wrote a random %s-parameter Llama to %s", f"{n_params:,}", out_dir)
     return out_dir
 

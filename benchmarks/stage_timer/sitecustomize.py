@@ -55,7 +55,7 @@ def _record():
     try:
         line = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "pid": os.getpid(), "start": _START,
                            "end": time.time(), "peak_gpu_gib": _gpu_peak_gib(), "compile": _compile_seconds(),
-                           "compile_counters": _compile_counters()})
+                           "compile_counters": _compile_counters()}, allow_nan=False)
         with open(_PATH, "a", encoding="utf-8") as out:  # one short append per process: lines don't interleave
             out.write(line + "\n")
     except Exception:  # timing must never change how a stage ends

@@ -151,7 +151,7 @@ def usage_section(params: Params, inputs: dict) -> list[str]:
     if q.use_4bit:
         load = [
             "    quantization_config=BitsAndBytesConfig(",
-            f"        load_in_4bit=True, bnb_4bit_quant_type={json.dumps(q.bnb_4bit_quant_type)},",
+            f"        load_in_4bit=True, bnb_4bit_quant_type={json.dumps(q.bnb_4bit_quant_type, allow_nan=False)},",
             f"        bnb_4bit_use_double_quant={q.bnb_4bit_use_double_quant}, "
             f"bnb_4bit_compute_dtype=torch.{q.bnb_4bit_compute_dtype}),",
         ]
@@ -160,6 +160,10 @@ def usage_section(params: Params, inputs: dict) -> list[str]:
                "against; an unquantized base works too, on slightly different weights.")
     else:
         load, imports, why = [], "from transformers import AutoModelForCausalLM, AutoTokenizer", ""
+    # The values as Python string literals (JSON's strings are Python's).
+    base, revision, date = (json.dumps(v, allow_nan=False) for v in (params.model.base_model, params.model.revision,
+                                                                      p.date_string))
+    instruction = json.dumps(p.instruction + chr(10) * 2, ensure_ascii=False, allow_nan=False)
     code = [
         "```python",
         "import torch",
@@ -168,16 +172,16 @@ def usage_section(params: Params, inputs: dict) -> list[str]:
         "",
         'adapter = "models/adapter"  # this folder, or the hub repository it is published to',
         "base = AutoModelForCausalLM.from_pretrained(",
-        f"    {json.dumps(params.model.base_model)}, revision={json.dumps(params.model.revision)},",
+        f"    {base}, revision={revision},",
         *load,
         f"    dtype=torch.{q.bnb_4bit_compute_dtype})",
         "model = PeftModel.from_pretrained(base, adapter)",
         "tokenizer = AutoTokenizer.from_pretrained(adapter)",
         "",
-        f"messages = [{{\"role\": \"user\", \"content\": {json.dumps(p.instruction + chr(10) * 2, ensure_ascii=False)}"
+        f"messages = [{{\"role\": \"user\", \"content\": {instruction}"
         " + dialogue}]",
         "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
-        f"                                       return_dict=True, date_string={json.dumps(p.date_string)})",
+        f"                                       return_dict=True, date_string={date})",
         f"output = model.generate(**inputs.to(model.device), max_new_tokens={params.eval.max_new_tokens}, "
         "do_sample=False)",
         "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))",

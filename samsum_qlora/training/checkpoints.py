@@ -44,7 +44,7 @@ def run_fingerprint(params: Params, data_dir: str | Path) -> str:
     relevant = {k: asdict(getattr(params, k)) for k in ("model", "quantization", "lora", "training")}
     for switch in SPEED_AND_MEMORY_SWITCHES:
         del relevant["training"][switch]
-    h.update(json.dumps({"seed": params.seed, **relevant}, sort_keys=True).encode())
+    h.update(json.dumps({"seed": params.seed, **relevant}, sort_keys=True, allow_nan=False).encode())
     for path in sorted(p for p in Path(data_dir).rglob("*") if p.is_file()):
         h.update(path.relative_to(data_dir).as_posix().encode())
         h.update(path.read_bytes())
@@ -97,7 +97,7 @@ def checkpoint_to_resume(fingerprint: str, checkpoints: str | Path = CHECKPOINTS
             log.info("%s holds checkpoints of other params or data: starting clean", checkpoints)
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    marker.write_text(json.dumps({"fingerprint": fingerprint}, allow_nan=False) + "\n")
     return None
 
 

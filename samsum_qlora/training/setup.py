@@ -16,6 +16,7 @@ from samsum_qlora.model.loading import DevicePolicy, choose_device, load_base_mo
 from samsum_qlora.model.lora import add_lora
 from samsum_qlora.params import Params
 from samsum_qlora.paths import CHECKPOINTS
+from samsum_qlora.training.guards import NonFiniteGuard
 from samsum_qlora.training.microbatch import TokenCappedTrainer
 from samsum_qlora.training.trainer import build_trainer
 
@@ -31,18 +32,21 @@ class Training:
     tokenizer: PreTrainedTokenizerBase
     policy: DevicePolicy
     plan: TrainPlan  # the memory switches the run uses (training.* as set when there is no budget)
+    guard: NonFiniteGuard  # stops the run on an inf/NaN loss or grad_norm; raise_if_stopped() after train()
 
 
 def prepare_training(params: Params, train: Dataset, validation: Dataset | None = None,
                      callbacks: list[TrainerCallback] | None = None, output_dir: str = CHECKPOINTS) -> Training:
     """The run `params` describe on the tokenized `train` split (and `validation`, if given): the device chosen and
     said, the memory plan made for training.max_memory_gib, the seed set, the tokenizer and base loaded, LoRA
-    added, and the Trainer built to write its checkpoints to `output_dir`."""
+    added, and the Trainer built to write its checkpoints to `output_dir`, guarded against non-finite losses."""
     policy = choose_device(params.quantization, params.training.optim)
     log.info("device: %s", policy.reason)
     plan = plan_memory(params, policy, train_data=train)
     set_seed(params.seed)
     tokenizer = load_tokenizer(params.model)
     model = add_lora(load_base_model(params.model, params.quantization, policy), params, policy, plan)
-    trainer = build_trainer(params, policy, model, tokenizer, train, validation, callbacks or [], output_dir, plan)
-    return Training(trainer, model, tokenizer, policy, plan)
+    guard = NonFiniteGuard(params.training.nonfinite_patience)
+    trainer = build_trainer(params, policy, model, tokenizer, train, validation, [guard, *(callbacks or [])],
+                            output_dir, plan)
+    return Training(trainer, model, tokenizer, policy, plan, guard)

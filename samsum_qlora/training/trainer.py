@@ -37,6 +37,7 @@ def training_arguments(params: Params, policy: DevicePolicy, has_eval: bool) -> 
         bf16=policy.bf16,
         fp16=policy.device == "cuda" and policy.compute_dtype == torch.float16,
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # log an inf/NaN loss as it is: the non-finite guard (guards.py) acts on it
         eval_strategy="steps" if has_eval else "no",
         eval_steps=t.eval_steps,
         save_strategy=t.save_strategy,
