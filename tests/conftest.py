@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,16 @@ def complete_checkpoint(folder: Path, state: dict | None = None) -> Path:
         (folder / name).write_bytes(b"stand-in")
     save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
     return folder
+
+
+def stage_error_line(capsys: pytest.CaptureFixture, main) -> str:
+    """Run a stage's main() as `python -m stages.<name>` runs it; it must stop with exit code 1 and exactly one
+    `error:` line on stderr, which is returned."""
+    from samsum_qlora.errors import run_stage
+
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(main)
+    assert stopped.value.code == 1
+    stderr = capsys.readouterr().err
+    assert stderr.count("error:") == 1, stderr
+    return re.search(r"error: .*", stderr).group(0)

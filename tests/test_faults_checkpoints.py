@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import complete_checkpoint
-from samsum_qlora import errors, files
+from conftest import complete_checkpoint, stage_error_line
+from samsum_qlora import files
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.training import checkpoints
 from samsum_qlora.training.checkpoints import checkpoint_problem, last_checkpoint
@@ -150,12 +150,7 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_complete_one(token
     if fault == "torch":  # torch's message says nothing of space: the free space decides
         monkeypatch.setattr(checkpoints, "free_space", lambda folder: 1000)
     monkeypatch.chdir(tokenized)
-    with pytest.raises(SystemExit) as stopped:
-        errors.run_stage(train.main)
-    assert stopped.value.code == 1
-    stderr = capsys.readouterr().err
-    assert stderr.count("error:") == 1
-    message = re.search(r"error: .*", stderr).group(0)
+    message = stage_error_line(capsys, train.main)
     assert re.fullmatch(
         r"error: no space left on the device while writing models/checkpoints/checkpoint-2 \(a checkpoint needs "
         r"about [\d.]+ MB, [\d.]+ [kMGT]?B free in models/checkpoints/\); it was removed and the last complete "

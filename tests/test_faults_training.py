@@ -3,12 +3,12 @@
 import ast
 import json
 import math
-import re
 
 import pytest
 import yaml
 from test_train import ROOT, tokenized_project
 
+from conftest import stage_error_line
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.files import finite_or_none, write_json
 from samsum_qlora.params import parse_params
@@ -82,7 +82,6 @@ def test_a_loss_that_turns_nan_stops_training_with_one_line(tmp_path, monkeypatc
     the last finite checkpoint; no adapter is written and metrics/train.json keeps the previous run's."""
     import torch
 
-    from samsum_qlora import errors
     from samsum_qlora.training import trainer as trainer_module
     from stages import train
 
@@ -99,12 +98,7 @@ def test_a_loss_that_turns_nan_stops_training_with_one_line(tmp_path, monkeypatc
 
     monkeypatch.setattr(trainer_module, "summary_loss", diverging)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stopped:
-        errors.run_stage(train.main)
-    assert stopped.value.code == 1
-    stderr = capsys.readouterr().err
-    assert stderr.count("error:") == 1
-    message = re.search(r"error: .*", stderr).group(0)
+    message = stage_error_line(capsys, train.main)
     assert message == (
         "error: training stopped at step 4: the logged loss and grad_norm were not finite on 2 logged step(s) in a "
         "row (training.nonfinite_patience); likely causes: training.learning_rate too high, fp16 overflow, or bad "

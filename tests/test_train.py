@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_MODEL, complete_checkpoint, offline_params
+from conftest import TINY_MODEL, complete_checkpoint, offline_params, stage_error_line
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.model.lora import check_target_modules, checkpointing_on
 from samsum_qlora.params import parse_params
@@ -152,7 +152,6 @@ def test_out_of_memory_stops_with_one_line_and_a_lower_cap_resumes_the_run(tmp_p
     import torch
     from transformers import Trainer
 
-    from samsum_qlora import errors
     from stages import train
 
     params = tokenized_project(tmp_path, save_steps=2, max_tokens_per_micro_batch=1024)
@@ -173,12 +172,7 @@ def test_out_of_memory_stops_with_one_line_and_a_lower_cap_resumes_the_run(tmp_p
 
     monkeypatch.setattr(Trainer, "training_step", short_of_memory)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stopped:
-        errors.run_stage(train.main)
-    assert stopped.value.code == 1
-    stderr = capsys.readouterr().err
-    assert stderr.count("error:") == 1
-    message = re.search(r"error: .*", stderr).group(0)
+    message = stage_error_line(capsys, train.main)
     shape = (r"error: CUDA ran out of memory at step 5 in a pass of (?P<n>[\d,]+) tokens \(peak [\d.]+ GiB, 1\.50 GiB "
              r"more wanted\); lower training\.max_tokens_per_micro_batch below (?P=n) \(now 1024\), or set "
              r"training\.gradient_checkpointing=true; the last checkpoint models/checkpoints/checkpoint-4 is kept and "
