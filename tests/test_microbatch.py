@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MODEL, offline_params
+from conftest import ROOT, TINY_MODEL, complete_checkpoint, offline_params
 from samsum_qlora.data.prompt import IGNORE_INDEX, build_example
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.params import parse_params
@@ -240,8 +240,7 @@ def fake_trainer(step: int, running_pass: int | None, training: bool) -> SimpleN
 
 
 def test_out_of_memory_names_the_switches_with_this_runs_numbers(tmp_path):
-    (tmp_path / "checkpoint-400").mkdir()
-    (tmp_path / "checkpoint-400" / "trainer_state.json").write_text("{}")  # complete: written last
+    complete_checkpoint(tmp_path / "checkpoint-400")
     err = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB. GPU 0 has a total ...")
     params = parse_params({"training": {"max_tokens_per_micro_batch": 8192}}).training
     message = str(out_of_memory_error(err, fake_trainer(411, 6912, True), params, str(tmp_path)))
