@@ -41,13 +41,14 @@ def _end_progress_line() -> None:
 
 def run_stage(main: Callable[[], None], on_interrupt: Callable[[], str] | None = None) -> None:
     """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1, and Ctrl-C into one
-    line (with `on_interrupt()`'s advice, when given) and exit code 130."""
+    line (with `on_interrupt()`'s advice, when given) and exit code 130; either starts on a line of its own."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()
     try:
         main()
     except PipelineError as err:
         message = " ".join(line.strip() for line in str(err).splitlines())  # one line, even if a cause had several
+        _end_progress_line()
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
