@@ -7,7 +7,8 @@ import ast
 import dataclasses
 import json
 import os
-import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,5 +81,32 @@ def stage_error_line(capsys: pytest.CaptureFixture, main) -> str:
         run_stage(main)
     assert stopped.value.code == 1
     stderr = capsys.readouterr().err
-    assert stderr.count("error:") == 1, stderr
-    return re.search(r"error: .*", stderr).group(0)
+    assert stderr.count("error:") == 1 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), stderr  # the last word, after whatever the log said
+    return last
+
+
+def run_module(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m <args>` in `cwd` with this checkout's code first on the path; it must succeed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def tokenized_project(root: Path, **training) -> dict:
+    """A project at `root` with a small offline profile prepared and tokenized; returns its params."""
+    params = offline_params(
+        model={"base_model": str(TINY_MODEL)},
+        data={"train_samples": 48, "validation_samples": 8, "test_samples": 4},
+        training={"max_steps": 6, "save_steps": 3, "eval_steps": 3, "logging_steps": 1,
+                  "per_device_train_batch_size": 4, "save_total_limit": 5, **training},
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "data").mkdir()
+    (root / "data" / "samples").symlink_to(ROOT / "data" / "samples")
+    run_module(root, "stages.prepare")
+    run_module(root, "stages.tokenize_mask")
+    return params

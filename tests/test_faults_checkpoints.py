@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import complete_checkpoint, stage_error_line
+from conftest import complete_checkpoint, stage_error_line, tokenized_project
 from samsum_qlora import files
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.training import checkpoints
@@ -118,8 +118,6 @@ def test_torch_unexpected_pos_counts_as_a_full_disk_only_when_space_is_short(tmp
 
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory) -> Path:
-    from test_train import tokenized_project
-
     root = tmp_path_factory.mktemp("project")
     tokenized_project(root, max_steps=3, save_steps=1, eval_steps=10)
     return root

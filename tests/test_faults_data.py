@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import TINY_MODEL, offline_params
-from samsum_qlora.errors import PipelineError, run_stage
+from conftest import TINY_MODEL, offline_params, stage_error_line
+from samsum_qlora.errors import PipelineError
 from samsum_qlora.files import drop_code_pointers, write_json, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +41,7 @@ def project(root: Path, **sections: dict) -> Path:
 
 def fails_in_process(main: Any, capsys: pytest.CaptureFixture, *fragments: str) -> str:
     """Run `main` as a stage runs; return its one error line, after checking the exit code and the fragments."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_stage(main)
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    line = lines[-1]
-    assert line.startswith("error: ") and "Traceback" not in "\n".join(lines), lines
+    line = stage_error_line(capsys, main)
     for fragment in fragments:
         assert fragment in line, (fragment, line)
     return line

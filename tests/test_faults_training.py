@@ -6,9 +6,8 @@ import math
 
 import pytest
 import yaml
-from test_train import ROOT, tokenized_project
 
-from conftest import stage_error_line
+from conftest import ROOT, stage_error_line, tokenized_project
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.files import finite_or_none, write_json
 from samsum_qlora.params import parse_params

@@ -1,14 +1,11 @@
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import TINY_MODEL, complete_checkpoint, offline_params, stage_error_line
+from conftest import TINY_MODEL, complete_checkpoint, offline_params, run_module, stage_error_line, tokenized_project
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.model.lora import check_target_modules, checkpointing_on
 from samsum_qlora.params import parse_params
@@ -83,34 +80,10 @@ def test_checkpoints_are_resumed_only_for_the_same_fingerprint(tmp_path):
     assert json.loads((folder / RUN_FINGERPRINT).read_text()) == {"fingerprint": "bbb"}
 
 
-def run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def tokenized_project(root: Path, **training) -> dict:
-    """A project at `root` with a small offline profile prepared and tokenized; returns its params."""
-    params = offline_params(
-        model={"base_model": str(TINY_MODEL)},
-        data={"train_samples": 48, "validation_samples": 8, "test_samples": 4},
-        training={"max_steps": 6, "save_steps": 3, "eval_steps": 3, "logging_steps": 1,
-                  "per_device_train_batch_size": 4, "save_total_limit": 5, **training},
-    )
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    (root / "data").mkdir()
-    (root / "data" / "samples").symlink_to(ROOT / "data" / "samples")
-    run_stage(root, "stages.prepare")
-    run_stage(root, "stages.tokenize_mask")
-    return params
-
-
 @pytest.mark.slow
 def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     params = tokenized_project(tmp_path)
-    run_stage(tmp_path, "stages.train")
+    run_module(tmp_path, "stages.train")
     whole = train_figures(tmp_path)
     assert whole["steps"] == 6 and whole["resumed_from_step"] == 0
     # The offline profile: padded batches under SDPA, the 4-bit base unpacked, nothing compiled on CPU.
@@ -124,7 +97,7 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
 
     shutil.rmtree(tmp_path / "models/checkpoints/checkpoint-6")
     shutil.rmtree(tmp_path / "models/adapter")
-    run_stage(tmp_path, "stages.train")
+    run_module(tmp_path, "stages.train")
     resumed = train_figures(tmp_path)
     assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6
     history = json.loads((tmp_path / "models/checkpoints/checkpoint-6/trainer_state.json").read_text())["log_history"]
@@ -135,7 +108,7 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
 
     # Another seed is another run: it starts clean (its checkpoints are not ours) and learns differently.
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "seed": 7}))
-    run_stage(tmp_path, "stages.train")
+    run_module(tmp_path, "stages.train")
     other = train_figures(tmp_path)
     assert other["resumed_from_step"] == 0 and other["steps"] == 6
     assert other["train_loss"] != pytest.approx(whole["train_loss"], rel=1e-4)
@@ -157,7 +130,7 @@ def test_out_of_memory_stops_with_one_line_and_a_lower_cap_resumes_the_run(tmp_p
     params = tokenized_project(tmp_path, save_steps=2, max_tokens_per_micro_batch=1024)
     params["lora"]["lora_dropout"] = 0.0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    run_stage(tmp_path, "stages.train")
+    run_module(tmp_path, "stages.train")
     whole = train_figures(tmp_path)
     assert (whole["steps"], whole["micro_batches"], whole["max_tokens_per_micro_batch"]) == (6, 6, 1024)
     shutil.rmtree(tmp_path / "models/adapter")
@@ -186,7 +159,7 @@ def test_out_of_memory_stops_with_one_line_and_a_lower_cap_resumes_the_run(tmp_p
     # Two padded rows of the tiny profile fit under 256 tokens, four don't: each step now takes several passes.
     params["training"]["max_tokens_per_micro_batch"] = 256
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    run_stage(tmp_path, "stages.train")
+    run_module(tmp_path, "stages.train")
     resumed = train_figures(tmp_path)
     assert (resumed["resumed_from_step"], resumed["steps"], resumed["max_tokens_per_micro_batch"]) == (4, 6, 256)
     assert resumed["micro_batches"] >= 4
