@@ -246,7 +246,9 @@ def test_train_stage_under_a_budget_checkpoints_each_pass_as_it_needs(tmp_path):
     checkpointed: the stage plans per-pass checkpointing, says so, and records the layers its passes checkpointed."""
     import yaml
     from datasets import load_from_disk
-    from test_train import run_stage, tokenized_project, train_figures
+    from test_train import train_figures
+
+    from conftest import run_module, tokenized_project
 
     params = tokenized_project(tmp_path, per_device_train_batch_size=1)
     s = Shape.from_config(budget_config(TINY_MODEL))
@@ -260,7 +262,7 @@ def test_train_stage_under_a_budget_checkpoints_each_pass_as_it_needs(tmp_path):
     gib += 1e-6  # ~1 KB: the longest example fits exactly, not one byte short of float rounding
     params["training"].update(max_memory_gib=gib, dequantize=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    logged = run_stage(tmp_path, "stages.train").stderr
+    logged = run_module(tmp_path, "stages.train").stderr
     facts = train_figures(tmp_path)
     # The run record keeps the switches as params.yaml sets them; the plan's choice is under memory_plan.
     assert PER_PASS in facts["memory_plan"]["changed"] and facts["memory_plan"]["gradient_checkpointing"]
