@@ -147,7 +147,11 @@ class TrainingParams:
     learning_rate: Annotated[Number, param("peak learning rate", gt=0)] = 2e-4
     lr_scheduler_type: Annotated[Str, param("any transformers scheduler name: linear | cosine | "
                                             "constant_with_warmup | ...")] = "linear"
-    warmup_steps: Annotated[Int, param("optimizer steps of warmup to the peak learning rate", ge=0)] = 50
+    warmup_ratio: Annotated[Number, param(
+        "warmup to the peak learning rate, as a fraction of the run's optimizer steps (0.054: 50 of the default "
+        "job's 921 steps; the same share of a shorter run)", ge=0, lt=1)] = 0.054
+    warmup_steps: Annotated[Int | None, param("optimizer steps of warmup; overrides warmup_ratio when set",
+                                              means="use warmup_ratio", ge=0)] = None
     weight_decay: Annotated[Number, param("AdamW weight decay", ge=0)] = 0.0
     max_grad_norm: Annotated[Number, param("gradient clipping norm", note="0 disables clipping", ge=0)] = 1.0
     logging_steps: Annotated[Int, param("train loss is logged (and plotted) every N optimizer steps", gt=0)] = 10
@@ -175,6 +179,10 @@ class TrainingParams:
                                                   "~1.8x slower")] = False
     upcast_frozen: Annotated[Bool, param("frozen embeddings and norms in float32 (peft's "
                                          "prepare_model_for_kbit_training): slower, and more memory")] = False
+    deterministic: Annotated[Bool, param(
+        "the same params, data and seed give the same adapter, bit for bit, on the same machine and software: "
+        "deterministic kernels only (slower; docs/performance.md); false = the fastest kernels, whose results "
+        "differ slightly from run to run on a GPU")] = False
     max_memory_gib: Annotated[Number | None, param(
         "GPU memory the stage may use; when the switches above would not fit, the stage picks the fastest "
         "settings that do and says so (docs/memory.md)", means="the GPU's memory", unit="GiB",

@@ -162,6 +162,8 @@ def train(params: Params) -> None:
         "compiled": t.compile and run.policy.device == "cuda",
         "upcast_frozen": t.upcast_frozen,
         "memory_plan": plan.describe(),  # None without a budget
+        "deterministic": t.deterministic,
+        "schedule": run.schedule.schedule.describe(),  # steps, warmup, peak learning rate, and any warnings
     })
     if checkpointed_mean is not None:
         log.info("activation checkpointing per pass: %.1f of %d decoder layers on average over %d passes",

@@ -48,7 +48,10 @@ FILES = {
     "metrics/train_run.json": {"steps": 921, "epochs": 1.0, "resumed_from_step": 0, "train_tokens": 3137402,
                                "trainable_params": 851968, "total_params": 1236666368, "trainable_percent": 0.0689,
                                "adapter_mb": 3.415, "device": "cuda", "compute_dtype": "bfloat16",
-                               "num_processes": 2, "optim": "paged_adamw_8bit"},
+                               "num_processes": 2, "optim": "paged_adamw_8bit",
+                               "schedule": {"examples": 14731, "sequences_per_step": 24, "steps_per_epoch": 614,
+                                            "total_steps": 921, "warmup_steps": 30, "peak_learning_rate": 0.0003,
+                                            "warnings": []}},
     "metrics/data.json": {"source": "knkarthick/samsum", "train": split_stats(14732, 14731, 14731),
                           "validation": split_stats(818, 818, 818), "test": split_stats(819, 819, 819)},
     "metrics/tokens.json": {"train": {"examples": 14731, "truncated": 25}, "validation": {"examples": 818}},
@@ -193,6 +196,19 @@ def test_missing_losses_and_a_resumed_run_are_said(tmp_path, monkeypatch):
     text = (tmp_path / "models/card/README.md").read_text()
     assert "| validation loss | not logged |" in text and "| final training loss | not logged |" in text
     assert "| optimizer steps | 921 (resumed from a checkpoint at step 500) |" in text
+
+
+def test_schedule_warnings_are_limits(tmp_path, monkeypatch):
+    warning = "only 44 optimizer steps (fewer than 100): raise training.num_train_epochs"
+    schedule = {**FILES["metrics/train_run.json"]["schedule"], "total_steps": 44, "warnings": [warning]}
+    write_project(tmp_path, files={**FILES, "metrics/train_run.json": {**FILES["metrics/train_run.json"],
+                                                                        "schedule": schedule}})
+    monkeypatch.chdir(tmp_path)
+
+    card.main()
+
+    limits = (tmp_path / "models/card/README.md").read_text().split("## Limits", 1)[1]
+    assert f"- Its training schedule was unlikely to train well: {warning}." in limits
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ def test_shipped_params_are_the_default_job():
     t = params.training
     # The tutorial's 4 x 4 as one pass: 16 sequences per step, the same token-mean loss.
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps == 16 and t.num_train_epochs == 1
-    assert (t.learning_rate, t.warmup_steps, t.logging_steps, t.save_steps, t.eval_steps) == (2e-4, 50, 10, 100, 100)
+    assert (t.learning_rate, t.logging_steps, t.save_steps, t.eval_steps) == (2e-4, 10, 100, 100)
+    assert (t.warmup_ratio, t.warmup_steps) == (0.054, None)  # 50 of the default job's 921 steps
     assert t.optim == "paged_adamw_8bit"
     assert params.data.source == "knkarthick/samsum"
 

@@ -94,14 +94,15 @@ def data_section(params: Params, inputs: dict) -> list[str]:
 def training_section(params: Params, inputs: dict) -> list[str]:
     """The training run's settings and figures, as a table."""
     train, run, t = inputs["train"], inputs["run"], params.training
+    warmup = run["schedule"]["warmup_steps"]
     resumed = f" (resumed from a checkpoint at step {run['resumed_from_step']})" if run["resumed_from_step"] else ""
     rows = [
         ("optimizer steps", f"{_count(run['steps'])}{resumed}"),
         ("epochs", run["epochs"]),
         ("sequences per step", f"{t.per_device_train_batch_size * t.gradient_accumulation_steps} "
                                f"({t.per_device_train_batch_size} × {t.gradient_accumulation_steps} accumulated)"),
-        ("learning rate", f"{t.learning_rate:g}, {t.lr_scheduler_type} schedule, {t.warmup_steps} warm-up "
-                          f"step{'' if t.warmup_steps == 1 else 's'}"),
+        ("learning rate", f"{t.learning_rate:g}, {t.lr_scheduler_type} schedule, {warmup} warm-up "
+                          f"step{'' if warmup == 1 else 's'}"),
         ("optimizer", f"`{run['optim']}`"),
         ("tokens trained on (no padding)", _count(run["train_tokens"])),
         ("training time", f"{train['runtime_s']:,.1f} s"),
@@ -201,8 +202,11 @@ def limits_section(params: Params, inputs: dict) -> list[str]:
     """What the adapter was not trained or tested for, and what ROUGE does not measure."""
     note = dataset_note(params.data.source)
     domain = note[1] if note else f"the dialogues of `{params.data.source}`"
+    schedule = [f"- Its training schedule was unlikely to train well: {warning}."
+                for warning in inputs["run"]["schedule"]["warnings"]]
     return [
         "", "## Limits", "",
+        *schedule,
         f"- Trained and tested only on {domain}: other languages, registers (meetings, transcripts, email) and "
         "much longer conversations are untested.",
         f"- Trained with one instruction (\"{params.prompt.instruction}\"); other instructions are untested.",

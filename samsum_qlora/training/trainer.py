@@ -16,6 +16,7 @@ from samsum_qlora.paths import CHECKPOINTS
 from samsum_qlora.training.batching import FlatCollator, PadCollator
 from samsum_qlora.training.microbatch import TokenCappedTrainer
 from samsum_qlora.training.objective import summary_loss
+from samsum_qlora.training.schedule import warmup_setting
 
 
 def training_arguments(params: Params, policy: DevicePolicy, has_eval: bool) -> TrainingArguments:
@@ -30,7 +31,7 @@ def training_arguments(params: Params, policy: DevicePolicy, has_eval: bool) -> 
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps,
+        warmup_steps=warmup_setting(t),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=policy.optim,
