@@ -67,9 +67,11 @@ def generation_prompts(
 ) -> tuple[list[list[int]], list[bool]]:
     """The generation prompts of `dialogues`, each at most `max_length` tokens (a longer dialogue is cut at its
     end, as in training), and which were shortened."""
+    if not dialogues:
+        return [], []
     texts = tokenizer.apply_chat_template([[_user(instruction, d)] for d in dialogues], tokenize=False,
                                           add_generation_prompt=True, date_string=date_string)
-    prompts = _encode_many(tokenizer, texts) if dialogues else []
+    prompts = _encode_many(tokenizer, texts)
     shortened = [len(ids) > max_length for ids in prompts]
     for i in (i for i, cut in enumerate(shortened) if cut):
         fitted = _fit_dialogue(tokenizer, dialogues[i], len(prompts[i]) - max_length, max_length,
