@@ -90,13 +90,14 @@ def _adapter_of(which: str) -> str | None:
 def generate_share(which: str, params: Params, rows: list[dict], parts: Path) -> None:
     """One worker's share: its batches of the one-process plan, written to parts/<rank>.jsonl."""
     distributed.quiet_replicas()
-    g = model_and_prompts(params, [r["dialogue"] for r in rows], _adapter_of(which))
-    mine = share_batches(plan_batches(g.prompts, g.plan.batch_size), g.prompts, params.eval.max_new_tokens,
-                         distributed.rank(), distributed.world_size())
-    results = generate_batches(g.model, g.tokenizer, g.prompts, mine, params.eval.max_new_tokens, g.stop_ids)
+    ready = model_and_prompts(params, [r["dialogue"] for r in rows], _adapter_of(which))
+    mine = share_batches(plan_batches(ready.prompts, ready.plan.batch_size), ready.prompts,
+                         params.eval.max_new_tokens, distributed.rank(), distributed.world_size())
+    results = generate_batches(ready.model, ready.tokenizer, ready.prompts, mine, params.eval.max_new_tokens,
+                               ready.stop_ids)
     write_jsonl(parts / f"{distributed.rank()}.jsonl",
-                ({"index": i, "text": r.text, "new_tokens": r.new_tokens, "stopped": r.stopped,
-                  "prompt_shortened": g.shortened[i]} for i, r in sorted(results.items())))
+                ({"index": i, "text": g.text, "new_tokens": g.new_tokens, "stopped": g.stopped,
+                  "prompt_shortened": ready.shortened[i]} for i, g in sorted(results.items())))
 
 
 def generate_in_processes(which: str, processes: int, count: int) -> list[Generation]:

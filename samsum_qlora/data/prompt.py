@@ -58,7 +58,7 @@ def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
 def generation_prompt_ids(
     tokenizer: PreTrainedTokenizerBase, instruction: str, dialogue: str, date_string: str
 ) -> list[int]:
-    """Token ids of the user turn followed by the template's assistant header, ready for generation (whole)."""
+    """Token ids of the user turn followed by the template's assistant header, the dialogue whole however long."""
     return _encode(tokenizer, _render(tokenizer, [_user(instruction, dialogue)], True, date_string))
 
 

@@ -183,6 +183,7 @@ def model_and_prompts(params: Params, dialogues: list[str], adapter: str | None)
 
 def generate_all(params: Params, dialogues: list[str], adapter: str | None) -> list[Generation]:
     """Greedy generations for `dialogues` in this process, in their order."""
-    g = model_and_prompts(params, dialogues, adapter)
-    generations = generate(g.model, g.tokenizer, g.prompts, params.eval.max_new_tokens, g.plan.batch_size, g.stop_ids)
-    return [dataclasses.replace(gen, prompt_shortened=cut) for gen, cut in zip(generations, g.shortened, strict=True)]
+    ready = model_and_prompts(params, dialogues, adapter)
+    generations = generate(ready.model, ready.tokenizer, ready.prompts, params.eval.max_new_tokens,
+                           ready.plan.batch_size, ready.stop_ids)
+    return [dataclasses.replace(g, prompt_shortened=cut) for g, cut in zip(generations, ready.shortened, strict=True)]
