@@ -120,8 +120,8 @@ class DataParams:
 class PromptParams:
     instruction: Annotated[Str, param("the user turn, followed by the dialogue")] = (
         "Summarize this dialogue in one or two sentences.")
-    max_length: Annotated[Int, param("tokens per training example; long dialogues are shortened, never the summary",
-                                     note="tokens", ge=16)] = 512
+    max_length: Annotated[Int, param("tokens per training example and per evaluation prompt; a long dialogue is cut "
+                                     "at its end, never the summary", note="tokens", ge=16)] = 512
     date_string: Annotated[Str, param("fixed date for chat templates that print today's date (Llama 3.x)")] = (
         "26 Jul 2024")
 

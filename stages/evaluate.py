@@ -74,6 +74,7 @@ def evaluate(which: str, parts: str | None = None) -> None:
                 "scores": {k: round(s[k], 6) for k in ROUGE_KEYS},
                 "new_tokens": g.new_tokens,
                 "stopped": g.stopped,
+                "prompt_shortened": g.prompt_shortened,
             }
             for r, g, s in zip(rows, generations, per_example, strict=True)
         ),
@@ -89,14 +90,14 @@ def _adapter_of(which: str) -> str | None:
 def generate_share(which: str, params: Params, rows: list[dict], parts: Path) -> None:
     """One worker's share: its batches of the one-process plan, written to parts/<rank>.jsonl."""
     distributed.quiet_replicas()
-    model, tokenizer, prompts, stops, planned = model_and_prompts(params, [r["dialogue"] for r in rows],
-                                                                  _adapter_of(which))
-    mine = share_batches(plan_batches(prompts, planned.batch_size), prompts, params.eval.max_new_tokens,
-                         distributed.rank(), distributed.world_size())
-    results = generate_batches(model, tokenizer, prompts, mine, params.eval.max_new_tokens, stops)
+    ready = model_and_prompts(params, [r["dialogue"] for r in rows], _adapter_of(which))
+    mine = share_batches(plan_batches(ready.prompts, ready.plan.batch_size), ready.prompts,
+                         params.eval.max_new_tokens, distributed.rank(), distributed.world_size())
+    results = generate_batches(ready.model, ready.tokenizer, ready.prompts, mine, params.eval.max_new_tokens,
+                               ready.stop_ids)
     write_jsonl(parts / f"{distributed.rank()}.jsonl",
-                ({"index": i, "text": g.text, "new_tokens": g.new_tokens, "stopped": g.stopped}
-                 for i, g in sorted(results.items())))
+                ({"index": i, "text": g.text, "new_tokens": g.new_tokens, "stopped": g.stopped,
+                  "prompt_shortened": ready.shortened[i]} for i, g in sorted(results.items())))
 
 
 def generate_in_processes(which: str, processes: int, count: int) -> list[Generation]:
@@ -110,7 +111,8 @@ def generate_in_processes(which: str, processes: int, count: int) -> list[Genera
         results: dict[int, Generation] = {}
         for part in sorted(Path(parts).glob("*.jsonl")):
             for record in read_jsonl(part):
-                results[record["index"]] = Generation(record["text"], record["new_tokens"], record["stopped"])
+                results[record["index"]] = Generation(record["text"], record["new_tokens"], record["stopped"],
+                                                      record["prompt_shortened"])
     if sorted(results) != list(range(count)):  # every process ended well, so this is a bug, not bad input
         raise RuntimeError(f"the evaluation processes returned {len(results)} of {count} predictions")
     return [results[i] for i in range(count)]

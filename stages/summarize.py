@@ -7,7 +7,8 @@
 
 The model, prompt (instruction and template date), generation budget and batching come from params.yaml
 (model.*, quantization.*, prompt.*, eval.*) and the adapter from models/adapter/, so a summary here is the one
-the evaluation would have written for the same dialogue. Records are objects with the dialogue under
+the evaluation would have written for the same dialogue: a dialogue too long for prompt.max_length is cut at its
+end, as in training and evaluation, and the log names it. Records are objects with the dialogue under
 data.dialogue_column ("dialogue"), or plain strings; an `id` (data.id_column) is kept when present. Many
 dialogues are written as JSONL, one {"id", "dialogue", "summary"} per input, in input order. No network is used
 when model.base_model is a local folder.
@@ -20,11 +21,15 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from samsum_qlora.errors import PipelineError, run_stage
 from samsum_qlora.files import write_jsonl
 from samsum_qlora.params import Params, load_params
 from samsum_qlora.paths import ADAPTER
+
+if TYPE_CHECKING:
+    from samsum_qlora.evaluation.generation import Generation
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +86,14 @@ def _record(item: object, where: str, column: str, id_column: str, index: int) -
     return {"id": str(item.get(id_column, index)), "dialogue": item[column]}
 
 
-def summarize(params: Params, dialogues: list[str], adapter: str | None) -> list[str]:
+def summarize(params: Params, dialogues: list[str], adapter: str | None) -> list[Generation]:
     """Greedy summaries of `dialogues` by the base model with `adapter` (None: the base alone), as evaluate does."""
     from samsum_qlora.evaluation.generation import generate_all
     from samsum_qlora.model.adapter import check_adapter
 
     if adapter:
         check_adapter(adapter)
-    return [g.text for g in generate_all(params, dialogues, adapter)]
+    return generate_all(params, dialogues, adapter)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,8 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     records, many = read_dialogues(args.source, params.data.dialogue_column, params.data.id_column)
-    summaries = summarize(params, [r["dialogue"] for r in records], None if args.base else args.adapter)
-    results = [{**r, "summary": s} for r, s in zip(records, summaries, strict=True)]
+    generations = summarize(params, [r["dialogue"] for r in records], None if args.base else args.adapter)
+    for r, g in zip(records, generations, strict=True):
+        if g.prompt_shortened:
+            log.warning("dialogue %s is longer than prompt.max_length (%d tokens with the prompt): only its start "
+                        "was summarized", r["id"], params.prompt.max_length)
+    results = [{**r, "summary": g.text} for r, g in zip(records, generations, strict=True)]
     if args.output:
         write_jsonl(args.output, results)
         log.info("%d summaries written to %s", len(results), args.output)

@@ -185,6 +185,42 @@ def test_local_model_and_data_are_named_in_the_text_not_in_the_metadata(tmp_path
     assert "LoRA on the frozen, unquantized base model" in text and "BitsAndBytesConfig" not in text
 
 
+# Every way a local base model or dataset is written, existing here or not (EXISTING: this folder's absolute path).
+LOCAL_FORMS = ["data/samples", "data/samples/", "data/gone", "./data/samples", "./gone", "../elsewhere/chats",
+               "EXISTING", "/no/such/folder", "~/dialogues", "~/gone/chats", "chats.jsonl", "mine/test.csv",
+               "a/b/c", "C:\\data\\chats", "D:/chats"]
+
+
+@pytest.mark.parametrize("form", LOCAL_FORMS)
+def test_no_local_path_reaches_the_front_matter(tmp_path, monkeypatch, form):
+    from samsum_qlora.evaluation.card_metadata import front_matter as metadata_yaml
+
+    (tmp_path / "data/samples").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    name = str(tmp_path / "data/samples") if form == "EXISTING" else form
+    params = parse_params({**PARAMS, "model": {"base_model": name}, "data": {"source": name}})
+    written = metadata_yaml(params, ADAPTER)
+    assert not {"base_model", "datasets", "language", "model-index", "model_name"} & set(yaml.safe_load(written))
+    assert name.rstrip("/") not in written
+    # A hub id beside the same folders still reaches it.
+    hub = parse_params(PARAMS)
+    assert yaml.safe_load(metadata_yaml(hub, ADAPTER))["datasets"] == ["knkarthick/samsum"]
+
+
+def test_a_local_path_gone_since_the_run_is_still_named_as_local_in_the_text(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "offline").mkdir()
+    params = {**PARAMS, "model": {"base_model": "offline/tiny-gone"}, "data": {"source": "data/gone"}}
+    write_project(tmp_path, params)
+    monkeypatch.chdir(tmp_path)
+
+    card.main()
+
+    text = (tmp_path / "models/card/README.md").read_text()
+    assert not {"base_model", "datasets", "model-index"} & set(front_matter(text))
+    assert "`offline/tiny-gone` (a local folder)" in text and "`data/gone` (local files)" in text
+
+
 def test_missing_losses_and_a_resumed_run_are_said(tmp_path, monkeypatch):
     files = {**FILES, "metrics/train.json": {**FILES["metrics/train.json"], "eval_loss": None, "train_loss": None},
              "metrics/train_run.json": {**FILES["metrics/train_run.json"], "resumed_from_step": 500}}

@@ -1,9 +1,14 @@
+import json
+import logging
+
 import pytest
 import torch
+import yaml
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, offline_params
 from samsum_qlora.data.prompt import generation_prompt_ids
-from samsum_qlora.evaluation.generation import _decode, generate, stop_token_ids
+from samsum_qlora.evaluation.generation import Generation, _decode, generate, stop_token_ids, summarize_generations
+from samsum_qlora.files import read_jsonl, write_jsonl
 
 DATE = "26 Jul 2024"
 
@@ -68,3 +73,35 @@ def test_generation_attention_never_takes_the_cudnn_kernel(tiny_tokenizer, tiny_
     generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=3, batch_size=2, stop_ids=[-1])
     assert seen and set(seen) == {(False, True)}
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_metrics_count_the_shortened_prompts():
+    generations = [Generation("Anna will call.", 4, True, prompt_shortened=True), Generation("Tom is late.", 4, True),
+                   Generation("Bo agrees.", 3, True, prompt_shortened=True)]
+    _, metrics = summarize_generations(generations, ["Anna will call.", "Tom is late.", "Bo agrees."], seconds=1.0)
+    assert metrics["shortened_prompts"] == 2 and metrics["examples"] == 3
+
+
+def test_the_evaluate_stage_shortens_a_test_dialogue_too_long_for_the_prompt_and_counts_it(tmp_path, monkeypatch,
+                                                                                          caplog):
+    from stages.evaluate import evaluate
+
+    # Longer than prompt.max_length and than the tokenizer's own model_max_length (1024), whose warning stays silent.
+    long = "\n".join(f"Tom: line {i} about the trip to the lake and who brings the tent" for i in range(120))
+    rows = [{"id": "a", "dialogue": "Anna: Lunch at 1?\nTom: Sure.", "summary": "Anna and Tom will have lunch."},
+            {"id": "b", "dialogue": long, "summary": "Tom talks about the trip."},
+            {"id": "c", "dialogue": "Mia: Running late, sorry!", "summary": "Mia is late."}]
+    params = offline_params(model={"base_model": str(TINY_MODEL)}, prompt={"max_length": 96},
+                            eval={"max_new_tokens": 4, "batch_size": 2})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_jsonl(tmp_path / "data/prepared/test.jsonl", rows)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    with caplog.at_level(logging.INFO):
+        evaluate("baseline")
+    metrics = json.loads((tmp_path / "metrics/baseline.json").read_text())
+    assert metrics["shortened_prompts"] == 1 and metrics["examples"] == 3
+    predictions = read_jsonl(tmp_path / "data/predictions/baseline.jsonl")
+    assert [p["prompt_shortened"] for p in predictions] == [False, True, False]
+    assert "1 of 3 dialogues are longer than prompt.max_length (96 tokens with the prompt)" in caplog.text
+    assert "Token indices" not in caplog.text

@@ -1,4 +1,5 @@
 import copy
+import logging
 import os
 
 import pytest
@@ -9,7 +10,9 @@ from samsum_qlora.data.prompt import (
     build_examples,
     end_of_turn_ids,
     generation_prompt_ids,
+    generation_prompts,
     has_generation_markers,
+    user_content,
 )
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.params import PromptParams
@@ -115,6 +118,67 @@ def test_long_dialogue_is_shortened_and_the_summary_kept(tiny_tokenizer):
 def test_example_whose_summary_cannot_fit_is_dropped(tiny_tokenizer):
     long_summary = " ".join(["Anna and Tom will meet at the Italian place."] * 20)
     assert build_example(tiny_tokenizer, INSTRUCTION, DIALOGUE, long_summary, 64, DATE) is None
+
+
+LONG_DIALOGUE = "\n".join(f"Tom: line {i} about the trip to the lake and who brings the tent" for i in range(60))
+
+
+@pytest.mark.parametrize("template", [None, LLAMA32_LIKE, CHATML_LIKE], ids=["generation-markers", "llama32", "chatml"])
+def test_a_test_dialogue_is_shortened_as_a_training_example_is(tiny_tokenizer, template):
+    # With the summary's tokens taken out of the budget, the generation prompt is the training example's user part:
+    # one rule cuts both.
+    tok = tiny_tokenizer if template is None else with_template(tiny_tokenizer, template)
+    example = build_example(tok, INSTRUCTION, LONG_DIALOGUE, SUMMARY, 128, DATE)
+    assert example.truncated
+    user_part = next(i for i, t in enumerate(example.labels) if t != IGNORE_INDEX)
+    budget = 128 - (len(example.input_ids) - user_part)
+    prompts, shortened = generation_prompts(tok, INSTRUCTION, [LONG_DIALOGUE], budget, DATE)
+    assert shortened == [True] and prompts[0] == example.input_ids[:user_part]
+
+
+def test_a_long_test_dialogues_prompt_fits_and_holds_the_dialogues_opening(tiny_tokenizer):
+    dialogues = [DIALOGUE, LONG_DIALOGUE, "Ann: ok"]
+    whole = [generation_prompt_ids(tiny_tokenizer, INSTRUCTION, d, DATE) for d in dialogues]
+    prompts, shortened = generation_prompts(tiny_tokenizer, INSTRUCTION, dialogues, 128, DATE)
+    assert len(whole[1]) > 500 and shortened == [False, True, False]
+    assert prompts[0] == whole[0] and prompts[2] == whole[2]
+    assert 120 <= len(prompts[1]) <= 128
+    # The template around the dialogue is whole; the dialogue is its own first tokens.
+    before, after = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_content(INSTRUCTION, "§")}], tokenize=False, add_generation_prompt=True,
+        date_string=DATE).split("§")
+    text = tiny_tokenizer.decode(prompts[1])
+    assert text.startswith(before) and text.endswith(after)
+    kept = text[len(before):-len(after)]
+    assert kept.startswith("Tom: line 0 about") and "line 59" not in kept and LONG_DIALOGUE.startswith(kept)
+    kept_ids = tiny_tokenizer(kept, add_special_tokens=False)["input_ids"]
+    assert kept_ids == tiny_tokenizer(LONG_DIALOGUE, add_special_tokens=False)["input_ids"][:len(kept_ids)]
+    assert prompts[1] == generation_prompt_ids(tiny_tokenizer, INSTRUCTION, kept, DATE)
+    assert generation_prompts(tiny_tokenizer, INSTRUCTION, [], 128, DATE) == ([], [])
+
+
+def test_a_budget_the_instruction_alone_fills_is_an_error_naming_the_param(tiny_tokenizer):
+    with pytest.raises(PipelineError, match="prompt.max_length is 24 tokens, but prompt.instruction and the chat "
+                                            "template alone leave no room for a dialogue"):
+        generation_prompts(tiny_tokenizer, " ".join([INSTRUCTION] * 4), [DIALOGUE], 24, DATE)
+
+
+@pytest.mark.parametrize("template", [None, LLAMA32_LIKE], ids=["generation-markers", "llama32-no-markers"])
+def test_a_text_over_the_tokenizers_own_limit_prints_no_warning(tiny_tokenizer, template, caplog, monkeypatch):
+    # transformers warns once per tokenizer about a text longer than its model_max_length ("Token indices sequence
+    # length is longer than..."); here every such text is shortened before it reaches a model.
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)  # its own handler bypasses caplog
+    tok = with_template(tiny_tokenizer, template) if template else copy.deepcopy(tiny_tokenizer)
+    tok.model_max_length = 64
+    tok.deprecation_warnings = {}
+    tok(LONG_DIALOGUE)  # what the warning looks like, printed by a plain call
+    assert "Token indices sequence length is longer" in caplog.text
+    caplog.clear()
+    tok.deprecation_warnings = {}
+    example = build_example(tok, INSTRUCTION, LONG_DIALOGUE, SUMMARY, 128, DATE)
+    prompts, _ = generation_prompts(tok, INSTRUCTION, [LONG_DIALOGUE], 128, DATE)
+    assert example.truncated and len(prompts[0]) <= 128
+    assert "Token indices" not in caplog.text
 
 
 @pytest.mark.parametrize("template", [None, LLAMA32_LIKE, CHATML_LIKE], ids=["generation-markers", "llama32", "chatml"])

@@ -92,6 +92,22 @@ def test_summarize_many_keeps_ids_and_order(project, evaluated, monkeypatch, cap
     assert [p["summary"] for p in printed] == evaluated and [p["id"] for p in printed] == ["0", "1", "2"]
 
 
+def test_summarize_names_a_dialogue_too_long_for_the_prompt(project, monkeypatch, caplog):
+    import logging
+
+    from stages import summarize
+
+    monkeypatch.chdir(project)
+    long = "\n".join(f"Tom: line {i} about the trip to the lake and who brings the tent" for i in range(60))
+    records = [{"id": "short", "dialogue": DIALOGUES[0]}, {"id": "long", "dialogue": long}]
+    (project / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level(logging.WARNING):
+        summarize.main(["long.jsonl", "-o", "out/long.jsonl"])
+    assert "dialogue long is longer than prompt.max_length (384 tokens with the prompt)" in caplog.text
+    assert "dialogue short" not in caplog.text
+    assert len((project / "out/long.jsonl").read_text().splitlines()) == 2
+
+
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("missing.txt", None, "missing.txt does not exist: give a text file, a .json/.jsonl file, or - for stdin"),
     ("bad.jsonl", '{"dialogue": "A: hi"}\n{"dialogue": \n', "bad.jsonl:2: not valid JSON"),

@@ -1,19 +1,23 @@
 """The prompt: how a dialogue and its summary become a chat conversation, and which tokens carry loss.
 
 The user turn is the instruction followed by the dialogue; the assistant turn is the summary. Both training
-(`build_example`) and evaluation (`generation_prompt_ids`) render through the model's own chat template, so
-the model is asked at evaluation time exactly what it was taught.
+(`build_examples`) and evaluation (`generation_prompts`) render through the model's own chat template and shorten
+a dialogue that does not fit prompt.max_length by one rule (`_fit_dialogue`), so the model is asked at evaluation
+time exactly what it was taught.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
 from samsum_qlora.errors import PipelineError
 
 IGNORE_INDEX = -100  # label value that the loss skips
+Rendered = TypeVar("Rendered")  # what a conversation renders to besides its ids (the loss mask, or nothing)
 
 
 @dataclass(frozen=True)
@@ -36,12 +40,14 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     # The rendered template already holds the special tokens (e.g. BOS); adding them again would double them.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # verbose=False: a text longer than the tokenizer's model_max_length is expected here (it is shortened next),
+    # so its "Token indices sequence length is longer than..." warning would only mislead.
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _encode_many(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     # One call: a fast tokenizer encodes the list on all cores.
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
 
 def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -52,8 +58,31 @@ def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
 def generation_prompt_ids(
     tokenizer: PreTrainedTokenizerBase, instruction: str, dialogue: str, date_string: str
 ) -> list[int]:
-    """Token ids of the user turn followed by the template's assistant header, ready for generation."""
+    """Token ids of the user turn followed by the template's assistant header, the dialogue whole however long."""
     return _encode(tokenizer, _render(tokenizer, [_user(instruction, dialogue)], True, date_string))
+
+
+def generation_prompts(
+    tokenizer: PreTrainedTokenizerBase, instruction: str, dialogues: list[str], max_length: int, date_string: str
+) -> tuple[list[list[int]], list[bool]]:
+    """The generation prompts of `dialogues`, each at most `max_length` tokens (a longer dialogue is cut at its
+    end, as in training), and which were shortened."""
+    if not dialogues:
+        return [], []
+    texts = tokenizer.apply_chat_template([[_user(instruction, d)] for d in dialogues], tokenize=False,
+                                          add_generation_prompt=True, date_string=date_string)
+    prompts = _encode_many(tokenizer, texts)
+    shortened = [len(ids) > max_length for ids in prompts]
+    for i in (i for i, cut in enumerate(shortened) if cut):
+        fitted = _fit_dialogue(tokenizer, dialogues[i], len(prompts[i]) - max_length, max_length,
+                               lambda d: (generation_prompt_ids(tokenizer, instruction, d, date_string), None))
+        if fitted is None:
+            raise PipelineError(
+                f"prompt.max_length is {max_length} tokens, but prompt.instruction and the chat template alone "
+                "leave no room for a dialogue; raise prompt.max_length or shorten prompt.instruction"
+            )
+        prompts[i] = fitted[0]
+    return prompts, shortened
 
 
 def _user(instruction: str, dialogue: str) -> dict:
@@ -85,7 +114,8 @@ def summary_token_masks(
     full_ids = _encode_many(tokenizer, full_texts)
     if has_generation_markers(tokenizer):
         out = tokenizer.apply_chat_template(
-            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, date_string=date_string
+            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, date_string=date_string,
+            tokenizer_kwargs={"verbose": False},
         )
         masks = [list(mask) for mask in out["assistant_masks"]]
         if any(list(ids) != full for ids, full in zip(out["input_ids"], full_ids, strict=True)):
@@ -142,7 +172,10 @@ def build_examples(
     ):
         truncated = len(ids) > max_length
         if truncated:
-            shortened = _shorten(tokenizer, instruction, dialogue, summary, max_length, date_string, len(ids))
+            shortened = _fit_dialogue(
+                tokenizer, dialogue, len(ids) - max_length, max_length,
+                lambda d, summary=summary: summary_token_mask(tokenizer, instruction, d, summary, date_string),
+            )
             if shortened is None:
                 examples.append(None)
                 continue
@@ -164,20 +197,20 @@ def build_example(
     return build_examples(tokenizer, instruction, [(dialogue, summary)], max_length, date_string)[0]
 
 
-def _shorten(
-    tokenizer: PreTrainedTokenizerBase, instruction: str, dialogue: str, summary: str, max_length: int,
-    date_string: str, length: int,
-) -> tuple[list[int], list[int]] | None:
-    """Ids and mask with the dialogue cut at its end until the conversation fits; None when nothing fits."""
+def _fit_dialogue(
+    tokenizer: PreTrainedTokenizerBase, dialogue: str, overflow: int, max_length: int,
+    render: Callable[[str], tuple[list[int], Rendered]],
+) -> tuple[list[int], Rendered] | None:
+    """`render` (ids first) of the dialogue cut at its end until the ids fit `max_length`, starting `overflow`
+    tokens short; None when nothing of the dialogue fits. Training and generation shorten by this one rule."""
     dialogue_ids = _encode(tokenizer, dialogue)
-    keep = len(dialogue_ids) - (length - max_length)
+    keep = len(dialogue_ids) - overflow
     while keep > 0:
         # Cut at the end: the opening of a chat sets the topic; decoding and re-encoding may shift a token.
-        shortened = tokenizer.decode(dialogue_ids[:keep]).rstrip()
-        ids, mask = summary_token_mask(tokenizer, instruction, shortened, summary, date_string)
-        if len(ids) <= max_length:
-            return ids, mask
-        keep -= max(1, len(ids) - max_length)
+        rendered = render(tokenizer.decode(dialogue_ids[:keep]).rstrip())
+        if len(rendered[0]) <= max_length:
+            return rendered
+        keep -= max(1, len(rendered[0]) - max_length)
     return None
 
 

@@ -7,6 +7,7 @@ wherever it is made. The batch plan depends only on the prompts and eval.batch_s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from samsum_qlora import distributed
-from samsum_qlora.data.prompt import end_of_turn_ids, generation_prompt_ids
+from samsum_qlora.data.prompt import end_of_turn_ids, generation_prompts
 from samsum_qlora.evaluation.scoring import ROUGE_KEYS, score_corpus
 from samsum_qlora.memory.budget import plan_memory
 from samsum_qlora.memory.planning import EvalPlan
@@ -37,6 +38,20 @@ class Generation:
     text: str
     new_tokens: int
     stopped: bool  # ended with an end-of-turn token rather than running out of max_new_tokens
+    prompt_shortened: bool = False  # the dialogue was cut at its end to fit prompt.max_length
+
+
+@dataclass(frozen=True)
+class Generator:
+    """What the evaluation and `stages.summarize` generate with: the model, its tokenizer, the dialogues' prompts
+    (and which were shortened), the stop ids and the memory plan."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    prompts: list[list[int]]
+    shortened: list[bool]
+    stop_ids: list[int]
+    plan: EvalPlan
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, date_string: str) -> list[int]:
@@ -141,6 +156,7 @@ def summarize_generations(
             "examples": len(generations),
             "empty_predictions": sum(not g.text for g in generations),
             "cut_by_max_new_tokens": sum(not g.stopped for g in generations),
+            "shortened_prompts": sum(g.prompt_shortened for g in generations),
             "seconds": round(seconds, 2),
             "examples_per_second": round(len(generations) / seconds, 3) if seconds > 0 else None,
         }
@@ -148,23 +164,26 @@ def summarize_generations(
     return per_example, metrics
 
 
-def model_and_prompts(
-    params: Params, dialogues: list[str], adapter: str | None
-) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[list[int]], list[int], EvalPlan]:
-    """The model ready for generation (with `adapter`, if given), its tokenizer, the dialogues' prompts, the stop ids
-    and the memory plan (batch size, dequantize) for eval.max_memory_gib: what the evaluation and
-    `stages.summarize` generate with."""
+def model_and_prompts(params: Params, dialogues: list[str], adapter: str | None) -> Generator:
+    """The model ready for generation (with `adapter`, if given) and the dialogues' prompts, each shortened to
+    prompt.max_length tokens as in training, with the memory plan (batch size, dequantize) for eval.max_memory_gib."""
     policy = choose_device(params.quantization)
     log.info("device: %s", policy.reason)
     tokenizer = load_tokenizer(params.model)
-    prompts = [generation_prompt_ids(tokenizer, params.prompt.instruction, d, params.prompt.date_string)
-               for d in dialogues]
+    prompt = params.prompt
+    prompts, shortened = generation_prompts(tokenizer, prompt.instruction, dialogues, prompt.max_length,
+                                            prompt.date_string)
+    if any(shortened):
+        log.info("%d of %d dialogues are longer than prompt.max_length (%d tokens with the prompt): cut at their end",
+                 sum(shortened), len(dialogues), prompt.max_length)
     plan = plan_memory(params, policy, longest_prompt=max(map(len, prompts), default=1))
     model = load_for_generation(params, policy, adapter, plan)
-    return model, tokenizer, prompts, stop_token_ids(tokenizer, model, params.prompt.date_string), plan
+    return Generator(model, tokenizer, prompts, shortened, stop_token_ids(tokenizer, model, prompt.date_string), plan)
 
 
 def generate_all(params: Params, dialogues: list[str], adapter: str | None) -> list[Generation]:
     """Greedy generations for `dialogues` in this process, in their order."""
-    model, tokenizer, prompts, stops, planned = model_and_prompts(params, dialogues, adapter)
-    return generate(model, tokenizer, prompts, params.eval.max_new_tokens, planned.batch_size, stops)
+    ready = model_and_prompts(params, dialogues, adapter)
+    generations = generate(ready.model, ready.tokenizer, ready.prompts, params.eval.max_new_tokens,
+                           ready.plan.batch_size, ready.stop_ids)
+    return [dataclasses.replace(g, prompt_shortened=cut) for g, cut in zip(generations, ready.shortened, strict=True)]
