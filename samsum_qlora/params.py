@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ import yaml
 from pydantic import AllowInfNan, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, with_config
 
 from samsum_qlora.errors import PipelineError
-from samsum_qlora.params_text import fields_of, one_line_error, reference_markdown
+from samsum_qlora.params_text import fields_of, one_line_error, reference_cli
 from samsum_qlora.paths import PARAMS
 
 PARAMS_FILE = PARAMS
@@ -147,9 +146,8 @@ class TrainingParams:
     learning_rate: Annotated[Number, param("peak learning rate", gt=0)] = 2e-4
     lr_scheduler_type: Annotated[Str, param("any transformers scheduler name: linear | cosine | "
                                             "constant_with_warmup | ...")] = "linear"
-    warmup_ratio: Annotated[Number, param(
-        "warmup to the peak learning rate, as a fraction of the run's optimizer steps (0.054: 50 of the default "
-        "job's 921 steps; the same share of a shorter run)", ge=0, lt=1)] = 0.054
+    warmup_ratio: Annotated[Number, param("warmup to the peak learning rate as a share of the run's optimizer steps "
+                                          "(0.054: 50 of the default job's 921)", ge=0, lt=1)] = 0.054
     warmup_steps: Annotated[Int | None, param("optimizer steps of warmup; overrides warmup_ratio when set",
                                               means="use warmup_ratio", ge=0)] = None
     weight_decay: Annotated[Number, param("AdamW weight decay", ge=0)] = 0.0
@@ -179,10 +177,8 @@ class TrainingParams:
                                                   "~1.8x slower")] = False
     upcast_frozen: Annotated[Bool, param("frozen embeddings and norms in float32 (peft's "
                                          "prepare_model_for_kbit_training): slower, and more memory")] = False
-    deterministic: Annotated[Bool, param(
-        "the same params, data and seed give the same adapter, bit for bit, on the same machine and software: "
-        "deterministic kernels only (slower; docs/performance.md); false = the fastest kernels, whose results "
-        "differ slightly from run to run on a GPU")] = False
+    deterministic: Annotated[Bool, param("bit-identical reruns on the same machine: deterministic kernels only, "
+                                         "slower (docs/performance.md); false = the fastest, varying on a GPU")] = False
     max_memory_gib: Annotated[Number | None, param(
         "GPU memory the stage may use; when the switches above would not fit, the stage picks the fastest "
         "settings that do and says so (docs/memory.md)", means="the GPU's memory", unit="GiB",
@@ -249,9 +245,4 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m samsum_qlora.params", description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", help="print docs/params.md, the params reference")
-    if parser.parse_args().markdown:
-        print(reference_markdown(Params), end="")
-    else:
-        parser.print_help()
+    reference_cli(Params, "python -m samsum_qlora.params", __doc__.splitlines()[0])

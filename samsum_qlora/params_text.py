@@ -3,6 +3,7 @@ error for a rejected value (with "did you mean" for a misspelt key), and the ref
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import functools
@@ -219,3 +220,13 @@ def reference_markdown(schema: type) -> str:
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def reference_cli(schema: type, prog: str, description: str) -> None:
+    """The schema module's command line: `--markdown` prints docs/params.md, the params reference."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--markdown", action="store_true", help="print docs/params.md, the params reference")
+    if parser.parse_args().markdown:
+        print(reference_markdown(schema), end="")
+    else:
+        parser.print_help()
