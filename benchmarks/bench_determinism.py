@@ -102,6 +102,8 @@ def one_run(project: Path, env: dict[str, str], interrupt_at: int | None) -> dic
         "train_runtime_s": train["runtime_s"], "rougeL": adapter["rougeL"], "compare": compare,
         "predictions_sha256": hashlib.sha256((project / "data/predictions/adapter.jsonl").read_bytes()).hexdigest(),
         "wall_s": round(time.perf_counter() - started, 1),
+        **({"compare_rouge": read(project, "metrics/compare_rouge.json")}
+           if (project / "metrics/compare_rouge.json").is_file() else {}),
     }
 
 
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params["data"]["source"] = str(data_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-determinism-"))
     project = make_project(work / "project", params)
-    env = {**os.environ, "PYTHONPATH": str(project), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    path = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))  # the project's code first
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TORCHINDUCTOR_CACHE_DIR": str(work / "compile-cache")}
     out = report.header("determinism", {"deterministic": deterministic, "sizes": sizes, "params": params,
                                         "runs": args.runs, "resume": args.resume, "tiny": args.tiny})
