@@ -171,6 +171,18 @@ def test_interval_of_gains_1_2_3_points_is_1_to_3():
     assert in_points(intervals["rougeLsum"]) == pytest.approx((1, 3))
 
 
+def test_interval_pairs_the_two_models_by_example():
+    """Scores that vary a lot between examples but gain exactly 2 points on each: paired, every resample's mean
+    gain is 2; resampling the two models independently would spread it over tens of points."""
+    baseline = [{"id": i, "scores": dict.fromkeys(ROUGE_KEYS, score)}
+                for i, score in zip("abc", (0.125, 0.5, 0.875), strict=True)]
+    adapter = [{"id": row["id"], "scores": {key: value + 0.02 for key, value in row["scores"].items()}}
+               for row in reversed(baseline)]
+
+    for key, interval in gain_intervals(baseline, adapter).items():
+        assert in_points(interval) == pytest.approx((2, 2)), key
+
+
 def test_the_seed_makes_the_interval_repeatable():
     ids = [f"ex{n:02d}" for n in range(40)]
     gains = {key: [((7 * n + shift) % 11) - 4 for n in range(40)] for shift, key in enumerate(ROUGE_KEYS)}
@@ -194,14 +206,15 @@ def test_interval_refuses_predictions_on_different_examples():
         gain_intervals(baseline, adapter)
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith("the baseline and adapter predictions are not on the same test examples (1 ids only "
-                              "in the baseline's: c, 1 only in the adapter's: z)")
+    assert message.startswith("the baseline and adapter predictions are not on the same test examples (ids only in "
+                              "the baseline's: 1 (c); only in the adapter's: 1 (z))")
     assert message.endswith("run `dvc repro` to evaluate both again")
 
 
 def test_interval_refuses_a_repeated_id_and_a_single_example():
     baseline, adapter = scored_rows(dict.fromkeys(ROUGE_KEYS, [1, 2, 3]))
-    with pytest.raises(PipelineError, match=r"the adapter predictions repeat example ids \(1: a\)"):
+    repeated = r"the adapter predictions repeat 1 example ids \(a\): each test example must be scored once"
+    with pytest.raises(PipelineError, match=repeated):
         gain_intervals(baseline, [*adapter, adapter[0]])
 
     with pytest.raises(PipelineError, match="needs at least 2 test examples.*scored on 1; set eval.max_samples"):
@@ -308,7 +321,8 @@ def test_main_refuses_predictions_on_different_examples(tmp_path, monkeypatch):
     (tmp_path / "data" / "predictions" / "adapter.jsonl").write_text(rows)
     monkeypatch.chdir(tmp_path)
 
-    with pytest.raises(PipelineError, match=r"not on the same test examples \(1 ids only in the baseline's: e"):
+    with pytest.raises(PipelineError, match=r"not on the same test examples \(ids only in the baseline's: 1 \(e\); "
+                                            r"only in the adapter's: 0\)"):
         compare.main()
     assert not Path("metrics/compare.json").exists()
 

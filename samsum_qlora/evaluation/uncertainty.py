@@ -25,8 +25,8 @@ def paired_scores(baseline_rows: list[dict], adapter_rows: list[dict]) -> tuple[
         only_baseline = sorted(baseline_by_id.keys() - adapter_by_id.keys())
         only_adapter = sorted(adapter_by_id.keys() - baseline_by_id.keys())
         raise PipelineError(
-            f"the baseline and adapter predictions are not on the same test examples ({len(only_baseline)} ids only "
-            f"in the baseline's{_first(only_baseline)}, {len(only_adapter)} only in the adapter's"
+            f"the baseline and adapter predictions are not on the same test examples (ids only in the baseline's: "
+            f"{len(only_baseline)}{_first(only_baseline)}; only in the adapter's: {len(only_adapter)}"
             f"{_first(only_adapter)}): the gain cannot be paired by example; run `dvc repro` to evaluate both again"
         )
     ids = sorted(baseline_by_id)
@@ -61,7 +61,7 @@ def gain_intervals(
         (baseline, adapter),
         lambda base, tuned, axis: np.mean(tuned - base, axis=axis),
         n_resamples=resamples,
-        batch=500,  # resamples drawn at a time: bounds memory at 500 × examples × keys values
+        batch=250,  # resamples drawn at a time: memory stays at a few times 250 × examples × keys floats
         paired=True,
         axis=-1,
         confidence_level=CONFIDENCE,
@@ -82,7 +82,7 @@ def _by_id(rows: list[dict], model: str) -> dict[str, dict]:
     if len(by_id) < len(rows):
         repeated = sorted(example_id for example_id, n in Counter(str(row["id"]) for row in rows).items() if n > 1)
         raise PipelineError(
-            f"the {model} predictions repeat example ids ({len(repeated)}{_first(repeated)}): each test example "
+            f"the {model} predictions repeat {len(repeated)} example ids{_first(repeated)}: each test example "
             "must be scored once; run `dvc repro` to evaluate it again"
         )
     return by_id
@@ -92,4 +92,4 @@ def _first(ids: list[str], shown: int = 3) -> str:
     if not ids:
         return ""
     more = ", …" if len(ids) > shown else ""
-    return f": {', '.join(ids[:shown])}{more}"
+    return f" ({', '.join(ids[:shown])}{more})"
