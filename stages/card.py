@@ -37,7 +37,7 @@ INPUTS = {
     "data": (DATA_METRICS, "prepare",
              tuple(f"{split}.{key}" for split in SPLITS for key in ("rows_in", "rows_usable", "rows_out"))),
     "tokens": (TOKEN_METRICS, "tokenize_mask", ("train.examples", "train.truncated")),
-    "compare": (COMPARE_JSON, "compare", ("rougeL.base", "rougeL.tuned", "rougeL.gain")),
+    "compare": (COMPARE_JSON, "compare", ("rougeL.base", "rougeL.tuned", "rougeL.gain", "rougeL.low", "rougeL.high")),
     "lora": (ADAPTER_CONFIG, "train", ("r", "lora_alpha", "lora_dropout", "target_modules")),
 }
 

@@ -55,7 +55,8 @@ FILES = {
     "metrics/data.json": {"source": "knkarthick/samsum", "train": split_stats(14732, 14731, 14731),
                           "validation": split_stats(818, 818, 818), "test": split_stats(819, 819, 819)},
     "metrics/tokens.json": {"train": {"examples": 14731, "truncated": 25}, "validation": {"examples": 818}},
-    "metrics/compare.json": {"rougeL": {"base": 0.2333, "tuned": 0.4012, "gain": 0.1679}},
+    "metrics/compare.json": {"rougeL": {"base": 0.2333, "tuned": 0.4012, "gain": 0.1679, "low": 0.1502,
+                                        "high": 0.1851}},
     "metrics/baseline.json": BASELINE,
     "metrics/adapter.json": ADAPTER,
     "models/adapter/adapter_config.json": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.1,
@@ -142,7 +143,8 @@ def test_text_gives_the_runs_figures(project):
         "| ROUGE-L | 23.33 | 40.12 | +16.79 |",
         "| mean summary length (tokens) | 40.2 | 21.5 | -18.8 |",
         "3 ran out of the 56 new tokens before ending and 2 were empty",
-        "its ROUGE-L is 40.12, against 23.33 for the base model alone (+16.79 points)",
+        "its ROUGE-L is 40.12, against 23.33 for the base model alone (+16.79 points; 95% interval +15.02 to "
+        "+18.51 from resampling the test dialogues).",
         "greedy decoding with at most 56 new tokens",
         "the gain is in percentage points (the metadata above holds the fine-tuned scores as fractions).",
     ]:
@@ -298,9 +300,28 @@ def test_an_older_file_without_a_key_is_named(project):
         card.main()
 
 
+def test_a_rouge_l_interval_that_includes_zero_is_said(project):
+    headline = {"base": 0.2333, "tuned": 0.4012, "gain": 0.1679, "low": -0.0012, "high": 0.3301}
+    (project / "metrics/compare.json").write_text(json.dumps({"rougeL": headline}))
+
+    card.main()
+
+    assert ("(+16.79 points; 95% interval -0.12 to +33.01 from resampling the test dialogues, so not "
+            "distinguishable from no change on this test set)") in (project / "models/card/README.md").read_text()
+
+
+def test_an_older_compare_json_without_the_interval_is_named(project):
+    (project / "metrics/compare.json").write_text(json.dumps({"rougeL": {"base": 0.2333, "tuned": 0.4012,
+                                                                         "gain": 0.1679}}))
+
+    with pytest.raises(PipelineError, match=r"metrics/compare.json has no `rougeL.low`: it is from an older "
+                                            r"`compare` stage; run `dvc repro`"):
+        card.main()
+
+
 def test_files_of_different_runs_are_refused(project):
     (project / "metrics/compare.json").write_text(json.dumps({"rougeL": {"base": 0.2333, "tuned": 0.39,
-                                                                         "gain": 0.1567}}))
+                                                                         "gain": 0.1567, "low": 0.14, "high": 0.17}}))
 
     with pytest.raises(PipelineError, match="are from different runs; run `dvc repro`"):
         card.main()

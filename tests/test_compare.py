@@ -11,6 +11,8 @@ from samsum_qlora.errors import PipelineError
 from samsum_qlora.evaluation import charts
 from samsum_qlora.evaluation.comparison import compare_metrics, pick_examples, rouge_plot_rows
 from samsum_qlora.evaluation.report import render_report
+from samsum_qlora.evaluation.scoring import ROUGE_KEYS
+from samsum_qlora.evaluation.uncertainty import gain_intervals
 from stages import compare
 
 BASELINE = {
@@ -50,6 +52,15 @@ ROUGE_L = {"a": (0.5, 0.6), "b": (0.1, 0.9), "c": (0.4, 0.2), "d": (0.3, 0.3), "
 BASELINE_ROWS = [prediction_row(i, base, f"base summary {i}") for i, (base, _) in ROUGE_L.items()]
 ADAPTER_ROWS = [prediction_row(i, tuned, f"tuned summary {i}") for i, (_, tuned) in ROUGE_L.items()]
 
+# Gain intervals (fractions) for the tables below: ROUGE-Lsum's includes 0, the others do not.
+INTERVALS = {"rouge1": {"low": 0.1012, "high": 0.2251}, "rouge2": {"low": 0.05, "high": 0.17},
+             "rougeL": {"low": 0.0734, "high": 0.1966}, "rougeLsum": {"low": -0.0821, "high": 0.0523}}
+
+
+def compared(baseline: dict = BASELINE, adapter: dict = ADAPTER) -> dict:
+    """The comparison as the compare stage builds it: the metrics compared, with the gains' intervals."""
+    return {**compare_metrics(baseline, adapter), "interval": INTERVALS}
+
 
 def test_compare_metrics_deltas():
     comparison = compare_metrics(BASELINE, ADAPTER)
@@ -70,33 +81,144 @@ def test_compare_metrics_refuses_different_example_counts():
 
 
 def test_plot_rows_pair_each_rouge_key_with_both_models():
-    rows = rouge_plot_rows(compare_metrics(BASELINE, ADAPTER))
+    rows = rouge_plot_rows(compared())
 
+    interval = {"gain": pytest.approx(0.1634), "gain_low": 0.1012, "gain_high": 0.2251}  # the key's, on both rows
     assert rows[:2] == [
-        {"metric": "rouge1", "model": "baseline", "bar": "rouge1 baseline", "score": 0.25},
-        {"metric": "rouge1", "model": "adapter", "bar": "rouge1 adapter", "score": 0.4134},
+        {"metric": "rouge1", "model": "baseline", "bar": "rouge1 baseline", "score": 0.25, **interval},
+        {"metric": "rouge1", "model": "adapter", "bar": "rouge1 adapter", "score": 0.4134, **interval},
     ]
+    assert rows[-1]["gain_low"] == -0.0821 and rows[-1]["gain_high"] == 0.0523
     assert len(rows) == 8
     assert [row["metric"] for row in rows[::2]] == ["rouge1", "rouge2", "rougeL", "rougeLsum"]
     assert {row["model"] for row in rows} == {"baseline", "adapter"}
 
 
 def test_report_table_shows_percentages_and_signed_changes():
-    report = render_report(compare_metrics(BASELINE, ADAPTER), [])
+    report = render_report(compared(), [])
 
-    assert "| metric | baseline | fine-tuned | change |" in report
-    assert "| ROUGE-1 | 25.00 | 41.34 | +16.34 |" in report
-    assert "| ROUGE-2 | 8.00 | 19.00 | +11.00 |" in report
-    assert "| ROUGE-L | 20.00 | 33.50 | +13.50 |" in report
-    assert "| ROUGE-Lsum | 21.00 | 19.50 | -1.50 |" in report
-    assert "| mean generated length | 41.5 | 22.0 | -19.5 |" in report
+    assert "| metric | baseline | fine-tuned | change | 95% interval of the change |" in report
+    assert "| ROUGE-1 | 25.00 | 41.34 | +16.34 | +10.12 to +22.51 |" in report
+    assert "| ROUGE-2 | 8.00 | 19.00 | +11.00 | +5.00 to +17.00 |" in report
+    assert "| ROUGE-L | 20.00 | 33.50 | +13.50 | +7.34 to +19.66 |" in report
+    assert "| ROUGE-Lsum | 21.00 | 19.50 | -1.50 | -8.21 to +5.23 |" in report
+    assert "| mean generated length | 41.5 | 22.0 | -19.5 | |" in report
     assert "Test examples: 4" in report
 
 
 def test_report_never_shows_negative_zero():
-    report = render_report(compare_metrics(BASELINE, {**BASELINE, "rouge1": 0.249_999_9}), [])
+    report = render_report(compared(BASELINE, {**BASELINE, "rouge1": 0.249_999_9}), [])
 
-    assert "| ROUGE-1 | 25.00 | 25.00 | +0.00 |" in report
+    assert "| ROUGE-1 | 25.00 | 25.00 | +0.00 | +10.12 to +22.51 |" in report
+
+
+def test_report_says_which_changes_are_not_distinguishable_from_no_change():
+    report = render_report(compared(), [])
+
+    assert "resampling the test examples (9,999 paired-bootstrap resamples" in report
+    assert "It does not cover run-to-run training noise" in report
+    assert ("- ROUGE-Lsum: the interval includes 0, so the change is not distinguishable from no change on this "
+            "test set.") in report
+    assert report.count("not distinguishable from no change") == 1  # the other three intervals exclude 0
+
+
+def test_report_counts_an_interval_ending_at_zero_as_including_it():
+    at_zero = {key: {"low": 0.0, "high": 0.03} for key in ROUGE_KEYS}
+    report = render_report({**compare_metrics(BASELINE, ADAPTER), "interval": at_zero}, [])
+
+    assert report.count("not distinguishable from no change") == 4
+    clear = {key: {"low": 0.0001, "high": 0.03} for key in ROUGE_KEYS}
+    assert "distinguishable" not in render_report({**compare_metrics(BASELINE, ADAPTER), "interval": clear}, [])
+
+
+def scored_rows(gains_in_points: dict[str, list[float]], ids: str = "abc") -> tuple[list[dict], list[dict]]:
+    """Baseline rows scoring 0.25 on every key and adapter rows scoring 0.25 + the gain (points / 100)."""
+    baseline = [{"id": i, "scores": dict.fromkeys(ROUGE_KEYS, 0.25)} for i in ids]
+    adapter = [{"id": i, "scores": {key: 0.25 + gains[n] / 100 for key, gains in gains_in_points.items()}}
+               for n, i in enumerate(ids)]
+    return baseline, adapter
+
+
+def in_points(interval: dict) -> tuple[float, float]:
+    return 100 * interval["low"], 100 * interval["high"]
+
+
+def test_interval_of_gains_0_0_3_points_is_0_to_3():
+    """Three examples with gains 0, 0 and 3 points. A resample draws 3 of them with replacement: 27 equally likely
+    draws, and its mean gain is k points, k the number of times the third example is drawn (binomial, 3 draws,
+    p = 1/3): P(0) = 8/27, P(1) = 12/27, P(2) = 6/27, P(3) = 1/27. The 2.5th percentile is therefore 0 (8/27 of the
+    mass is there) and the 97.5th is 3 (1/27 = 3.7% > 2.5% of the mass is there). The second key doubles every
+    gain: resamples are shared by all keys, so its interval is exactly twice the first's."""
+    gains = {"rouge1": [0, 0, 3], "rouge2": [0, 0, 6], "rougeL": [3, 0, 0], "rougeLsum": [0, 3, 0]}
+    intervals = gain_intervals(*scored_rows(gains))
+
+    assert in_points(intervals["rouge1"]) == pytest.approx((0, 3))
+    assert in_points(intervals["rouge2"]) == pytest.approx((0, 6))
+    assert in_points(intervals["rougeL"]) == pytest.approx((0, 3))  # which example gains does not matter
+    assert in_points(intervals["rougeLsum"]) == pytest.approx((0, 3))
+
+
+def test_interval_of_gains_1_2_3_points_is_1_to_3():
+    """Gains 1, 2 and 3 points: the resample mean is 1 only when the first example is drawn three times (1/27 =
+    3.7% of the mass) and 3 only when the third is (also 1/27): the 2.5th and 97.5th percentiles are 1 and 3. A
+    negative copy gives the mirror interval."""
+    gains = {"rouge1": [1, 2, 3], "rouge2": [-1, -2, -3], "rougeL": [2, 2, 2], "rougeLsum": [3, 1, 2]}
+    intervals = gain_intervals(*scored_rows(gains))
+
+    assert in_points(intervals["rouge1"]) == pytest.approx((1, 3))
+    assert in_points(intervals["rouge2"]) == pytest.approx((-3, -1))
+    assert in_points(intervals["rougeL"]) == pytest.approx((2, 2))  # every resample has the same mean
+    assert in_points(intervals["rougeLsum"]) == pytest.approx((1, 3))
+
+
+def test_interval_pairs_the_two_models_by_example():
+    """Scores that vary a lot between examples but gain exactly 2 points on each: paired, every resample's mean
+    gain is 2; resampling the two models independently would spread it over tens of points."""
+    baseline = [{"id": i, "scores": dict.fromkeys(ROUGE_KEYS, score)}
+                for i, score in zip("abc", (0.125, 0.5, 0.875), strict=True)]
+    adapter = [{"id": row["id"], "scores": {key: value + 0.02 for key, value in row["scores"].items()}}
+               for row in reversed(baseline)]
+
+    for key, interval in gain_intervals(baseline, adapter).items():
+        assert in_points(interval) == pytest.approx((2, 2)), key
+
+
+def test_the_seed_makes_the_interval_repeatable():
+    ids = [f"ex{n:02d}" for n in range(40)]
+    gains = {key: [((7 * n + shift) % 11) - 4 for n in range(40)] for shift, key in enumerate(ROUGE_KEYS)}
+    baseline, adapter = scored_rows(gains, ids)
+
+    first = gain_intervals(baseline, adapter)
+    assert gain_intervals(baseline, adapter) == first
+    assert gain_intervals(baseline[::-1], adapter[5:] + adapter[:5]) == first  # paired by id, not by row order
+    assert gain_intervals(baseline, adapter, seed=1) != first  # the seed is what fixes it
+    for key in ROUGE_KEYS:
+        mean = sum(gains[key]) / len(ids)
+        low, high = in_points(first[key])
+        assert low < mean < high and high - low < 4, (key, low, mean, high)
+
+
+def test_interval_refuses_predictions_on_different_examples():
+    baseline, adapter = scored_rows(dict.fromkeys(ROUGE_KEYS, [1, 2, 3]))
+    adapter[2] = {**adapter[2], "id": "z"}
+
+    with pytest.raises(PipelineError) as error:
+        gain_intervals(baseline, adapter)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("the baseline and adapter predictions are not on the same test examples (ids only in "
+                              "the baseline's: 1 (c); only in the adapter's: 1 (z))")
+    assert message.endswith("run `dvc repro` to evaluate both again")
+
+
+def test_interval_refuses_a_repeated_id_and_a_single_example():
+    baseline, adapter = scored_rows(dict.fromkeys(ROUGE_KEYS, [1, 2, 3]))
+    repeated = r"the adapter predictions repeat 1 example ids \(a\): each test example must be scored once"
+    with pytest.raises(PipelineError, match=repeated):
+        gain_intervals(baseline, [*adapter, adapter[0]])
+
+    with pytest.raises(PipelineError, match="needs at least 2 test examples.*scored on 1; set eval.max_samples"):
+        gain_intervals(baseline[:1], adapter[:1])
 
 
 def test_pick_examples_takes_best_median_and_worst_by_rouge_l_gain():
@@ -144,7 +266,7 @@ def test_report_examples_are_labelled_escaped_and_truncated():
     long_dialogue = "Ann: " + "word " * 200
     baseline_rows = [{**row, "prediction": "cats | dogs <file_photo>"} for row in BASELINE_ROWS]
     adapter_rows = [{**row, "dialogue": long_dialogue} if row["id"] == "b" else row for row in ADAPTER_ROWS]
-    report = render_report(compare_metrics(BASELINE, ADAPTER), pick_examples(baseline_rows, adapter_rows))
+    report = render_report(compared(), pick_examples(baseline_rows, adapter_rows))
 
     assert (
         report.index("### Best (largest ROUGE-L gain): `b`")
@@ -174,16 +296,46 @@ def test_main_writes_comparison_plot_rows_and_report(tmp_path, monkeypatch):
 
     compare.main()
 
-    # ROUGE-L only, under short names: the columns `dvc exp show` opens with; gains rounded to 6 decimals
+    # ROUGE-L only, under short names: the columns `dvc exp show` opens with; gains rounded to 6 decimals. The
+    # interval is the bootstrap's over the per-example gains of the predictions (a +0.1, b +0.8, c -0.2, d 0,
+    # e +0.3 on every key).
+    interval = gain_intervals(BASELINE_ROWS, ADAPTER_ROWS)
+    low, high = round(interval["rougeL"]["low"], 6), round(interval["rougeL"]["high"], 6)
+    assert -0.2 < low < 0.2 < high < 0.8  # the mean gain is 0.2; no resample mean is outside [-0.2, 0.8]
     assert json.loads(Path("metrics/compare.json").read_text()) == {"rougeL": {"base": 0.2, "tuned": 0.335,
-                                                                               "gain": 0.135}}
+                                                                               "gain": 0.135, "low": low,
+                                                                               "high": high}}
     rows = json.loads(Path("metrics/compare_rouge.json").read_text())
     assert len(rows) == 8 and rows[1] == {
-        "metric": "rouge1", "model": "adapter", "bar": "rouge1 adapter", "score": 0.4134
+        "metric": "rouge1", "model": "adapter", "bar": "rouge1 adapter", "score": 0.4134, "gain": 0.1634,
+        "gain_low": round(interval["rouge1"]["low"], 6), "gain_high": round(interval["rouge1"]["high"], 6),
     }
     report = Path("metrics/compare.md").read_text()
-    assert "| ROUGE-1 | 25.00 | 41.34 | +16.34 |" in report
+    assert f"| ROUGE-1 | 25.00 | 41.34 | +16.34 | {100 * low:+.2f} to {100 * high:+.2f} |" in report
     assert "`b`" in report and "`c`" in report
+
+
+def test_main_refuses_predictions_on_different_examples(tmp_path, monkeypatch):
+    write_inputs(tmp_path)
+    rows = "".join(json.dumps(row) + "\n" for row in ADAPTER_ROWS[:4])  # e is missing
+    (tmp_path / "data" / "predictions" / "adapter.jsonl").write_text(rows)
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(PipelineError, match=r"not on the same test examples \(ids only in the baseline's: 1 \(e\); "
+                                            r"only in the adapter's: 0\)"):
+        compare.main()
+    assert not Path("metrics/compare.json").exists()
+
+
+def test_main_names_a_missing_rouge_score_of_a_prediction(tmp_path, monkeypatch):
+    write_inputs(tmp_path)
+    rows = [{**row, "scores": {"rougeL": 0.5}} if row["id"] == "c" else row for row in BASELINE_ROWS]
+    (tmp_path / "data" / "predictions" / "baseline.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(PipelineError, match=r"baseline.jsonl:3: missing scores.rouge1, scores.rouge2, "
+                                            r"scores.rougeLsum; re-run `evaluate_baseline`"):
+        compare.main()
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import json
 from samsum_qlora.evaluation.card_metadata import NAME, dataset_note, front_matter, hub_id
 from samsum_qlora.evaluation.report import ROUGE_NAMES, signed
 from samsum_qlora.evaluation.scoring import ROUGE_KEYS
+from samsum_qlora.evaluation.uncertainty import CONFIDENCE, includes_zero
 from samsum_qlora.params import Params
 from samsum_qlora.paths import ADAPTER
 
@@ -46,6 +47,8 @@ def summary_section(params: Params, inputs: dict) -> list[str]:
     lora = inputs["lora"]
     run = inputs["run"]
     headline = inputs["compare"]["rougeL"]
+    low, high = (signed(100 * headline[end], 2) for end in ("low", "high"))
+    unclear = ", so not distinguishable from no change on this test set" if includes_zero(headline) else ""
     method = (f"QLoRA: the base model frozen in 4-bit {q.bnb_4bit_quant_type.upper()}"
               f"{' with double quantization' if q.bnb_4bit_use_double_quant else ''}, the adapter trained on top"
               if q.use_4bit else "LoRA on the frozen, unquantized base model")
@@ -56,7 +59,8 @@ def summary_section(params: Params, inputs: dict) -> list[str]:
         f"A LoRA adapter for {_base_link(params.model.base_model)}{revision} that summarizes dialogues, "
         f"trained on {_source_link(params)}. On {inputs['comparison']['examples']} test "
         f"dialogues its ROUGE-L is {100 * headline['tuned']:.2f}, against {100 * headline['base']:.2f} for the "
-        f"base model alone ({signed(100 * headline['gain'], 2)} points).",
+        f"base model alone ({signed(100 * headline['gain'], 2)} points; {CONFIDENCE:.0%} interval {low} to {high} "
+        f"from resampling the test dialogues{unclear}).",
         "",
         "## Model",
         "",

@@ -75,8 +75,9 @@ def load_predictions(model: str) -> list[dict]:
     rows = read_jsonl(path)
     for number, row in enumerate(rows, 1):
         missing = [field for field in PREDICTION_FIELDS if field not in row]
-        if "scores" in row and not (isinstance(row["scores"], dict) and "rougeL" in row["scores"]):
-            missing.append("scores.rougeL")
+        if "scores" in row:
+            scores = row["scores"] if isinstance(row["scores"], dict) else {}
+            missing += [f"scores.{key}" for key in ROUGE_KEYS if key not in scores]
         if missing:
             raise PipelineError(f"{path}:{number}: missing {', '.join(missing)}; re-run `{STAGE_OF[model]}`")
     return rows
@@ -98,16 +99,20 @@ def compare_metrics(baseline: dict, adapter: dict) -> dict:
 
 
 def headline(comparison: dict) -> dict:
-    """What experiments are compared by (metrics/compare.json): ROUGE-L of both models and the gain, under
-    names short enough for `dvc exp show` in a normal terminal; the other scores are in compare.md."""
+    """What experiments are compared by (metrics/compare.json): ROUGE-L of both models, the gain and its 95%
+    interval (low, high), under names short enough for `dvc exp show`; the other scores are in compare.md."""
+    interval = comparison["interval"]["rougeL"]
     return {"rougeL": {"base": comparison["baseline"]["rougeL"], "tuned": comparison["adapter"]["rougeL"],
-                       "gain": comparison["delta"]["rougeL"]}}
+                       "gain": comparison["delta"]["rougeL"], "low": interval["low"], "high": interval["high"]}}
 
 
 def rouge_plot_rows(comparison: dict) -> list[dict]:
-    """One row per (ROUGE key, model); `bar` labels it for dvc's bar templates, which cannot group by a field."""
+    """One row per (ROUGE key, model); `bar` labels it for dvc's bar templates, which cannot group by a field.
+    Both rows of a key also hold that key's gain and the gain's 95% interval (gain_low, gain_high)."""
     return [
-        {"metric": key, "model": model, "bar": f"{key} {model}", "score": comparison[model][key]}
+        {"metric": key, "model": model, "bar": f"{key} {model}", "score": comparison[model][key],
+         "gain": comparison["delta"][key], "gain_low": comparison["interval"][key]["low"],
+         "gain_high": comparison["interval"][key]["high"]}
         for key in ROUGE_KEYS
         for model in MODELS
     ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from samsum_qlora.evaluation.comparison import Example
 from samsum_qlora.evaluation.scoring import ROUGE_KEYS
+from samsum_qlora.evaluation.uncertainty import CONFIDENCE, RESAMPLES, includes_zero
 from samsum_qlora.paths import COMPARE_REPORT, REPORT_IMAGES
 
 ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
@@ -45,17 +46,21 @@ def render_report(comparison: dict, examples: list[Example], charts: Sequence[Ch
         "",
         "ROUGE F1 with stemming, in percent, averaged over the test examples; change in percentage points.",
         "",
-        "| metric | baseline | fine-tuned | change |",
-        "|---|---:|---:|---:|",
+        f"| metric | baseline | fine-tuned | change | {CONFIDENCE:.0%} interval of the change |",
+        "|---|---:|---:|---:|---:|",
     ]
     for key in ROUGE_KEYS:
         baseline, adapter, delta = (100 * comparison[part][key] for part in ("baseline", "adapter", "delta"))
-        lines.append(f"| {ROUGE_NAMES[key]} | {baseline:.2f} | {adapter:.2f} | {signed(delta, 2)} |")
+        low, high = (100 * comparison["interval"][key][end] for end in ("low", "high"))
+        lines.append(f"| {ROUGE_NAMES[key]} | {baseline:.2f} | {adapter:.2f} | {signed(delta, 2)} "
+                     f"| {signed(low, 2)} to {signed(high, 2)} |")
     baseline, adapter, delta = (comparison[part]["gen_len_mean"] for part in ("baseline", "adapter", "delta"))
     lines += [
-        f"| mean generated length | {baseline:.1f} | {adapter:.1f} | {signed(delta, 1)} |",
+        f"| mean generated length | {baseline:.1f} | {adapter:.1f} | {signed(delta, 1)} | |",
         "",
         f"Test examples: {comparison['examples']}",
+        "",
+        *_interval_lines(comparison),
         *_chart_lines(charts),
         "",
         "## Example predictions",
@@ -82,6 +87,22 @@ def render_report(comparison: dict, examples: list[Example], charts: Sequence[Ch
             f"| {_cell(example.adapter_prediction)} |",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _interval_lines(comparison: dict) -> list[str]:
+    """What the interval means, then each score whose interval includes 0, said plainly."""
+    lines = [
+        f"The {CONFIDENCE:.0%} interval comes from resampling the test examples ({RESAMPLES:,} paired-bootstrap "
+        "resamples, fixed seed, percentile method): it shows how far the mean change could move on another test "
+        "set of this size drawn the same way. It does not cover run-to-run training noise (another seed trains "
+        "another adapter).",
+    ]
+    unclear = [key for key in ROUGE_KEYS if includes_zero(comparison["interval"][key])]
+    if unclear:
+        lines.append("")
+        lines += [f"- {ROUGE_NAMES[key]}: the interval includes 0, so the change is not distinguishable from no "
+                  "change on this test set." for key in unclear]
+    return lines
 
 
 def _chart_lines(charts: Sequence[Chart]) -> list[str]:
