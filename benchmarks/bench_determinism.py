@@ -1,12 +1,14 @@
 """Run-to-run spread: the same short job trained and evaluated several times, with training.deterministic off or on.
 
-    python -m benchmarks.bench_determinism --deterministic false --runs 3 [--resume] [--train-rows 3200]
-                                           [--budget-s 480] [--tiny] [--out benchmarks/results]
+    python -m benchmarks.bench_determinism --deterministic false --runs 3 [--model 1b|offline] [--resume]
+                                           [--train-rows 3200] [--budget-s 480] [--tiny] [--out benchmarks/results]
 
 Each run trains from nothing (same params, data and seed) and evaluates the adapter on the test split, through
-the stages themselves, in a project copy (offline/project.py's make_project) on the Llama-3.2-1B-shaped random
-model with the offline tokenizer (benchmarks/harness/shapes.py) and SAMSum-length local dialogues
-(benchmarks/harness/dataset.py); the baseline is evaluated once. Reported per run: the adapter's SHA-256, the
+the stages themselves, in a project copy (offline/project.py's make_project), on SAMSum-length local dialogues
+(benchmarks/harness/dataset.py) and either the Llama-3.2-1B-shaped random model with the offline tokenizer
+(benchmarks/harness/shapes.py: the default job's speed; it barely learns the task in a short run) or the offline
+profile's tiny trained model with that profile's params (it learns the task, so its ROUGE-L spread means
+something); the baseline is evaluated once. Reported per run: the adapter's SHA-256, the
 final losses, tokens/s, ROUGE-L and the gain's bootstrap interval from compare; then the spread (max - min) of
 ROUGE-L and whether the adapters are bit-identical. `--resume` adds one run interrupted (SIGINT) after its first
 checkpoint and resumed by running the stage again, to compare with the uninterrupted ones. Runs stop being
@@ -48,12 +50,15 @@ TINY_PARAMS = {"training": {"max_steps": 6, "logging_steps": 1, "eval_steps": 3,
                "eval": {"max_new_tokens": 8, "batch_size": 16}}
 
 
-def job_params(model_dir: Path, data_dir: Path, deterministic: bool, tiny: bool) -> dict[str, Any]:
-    """params.yaml's values on the benchmark model and data: one epoch of --train-rows, checkpoints every 50
-    steps (the resume check interrupts after the first), and the deterministic switch."""
+def job_params(model_dir: Path, data_dir: Path, deterministic: bool, tiny: bool, offline: bool) -> dict[str, Any]:
+    """params.yaml's values (with the offline profile's over them for --model offline) on the benchmark model and
+    data: one epoch of --train-rows, checkpoints every 50 steps (the resume check interrupts after the first), and
+    the deterministic switch."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    if offline:
+        params = merge(params, yaml.safe_load((ROOT / "offline/params.yaml").read_text(encoding="utf-8")))
     local = {"model": {"base_model": str(model_dir), "tokenizer_type": None}, "data": {"source": str(data_dir)},
-             "training": {"deterministic": deterministic, "save_steps": 50, "eval_steps": 50}}
+             "training": {"deterministic": deterministic, "max_steps": -1, "save_steps": 50, "eval_steps": 50}}
     params = merge(merge(params, local), TINY_PARAMS if tiny else {})
     parse_params(params)
     return params
@@ -124,6 +129,9 @@ def spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deterministic", choices=("true", "false"), required=True)
+    parser.add_argument("--model", choices=("1b", "offline"), default="1b",
+                        help="the random Llama-3.2-1B-shaped model (speed), or the offline profile's tiny trained "
+                             "model with its params (it learns the task: ROUGE that means something)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--resume", action="store_true", help="one more run, interrupted and resumed")
     parser.add_argument("--train-rows", type=int, default=3200, help="one epoch: rows / 16 optimizer steps")
@@ -135,9 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     deterministic = args.deterministic == "true"
+    label = report.file_label("offline" if args.model == "offline" else None, f"deterministic-{args.deterministic}")
     sizes = TINY_SIZES if args.tiny else {"train": args.train_rows, "validation": 100, "test": args.test_rows}
-    model_dir = benchmark_model(args.tiny)
-    params = job_params(model_dir, Path("."), deterministic, args.tiny)
+    offline = args.model == "offline"
+    model_dir = ROOT / "offline" / "tiny-llama" if offline else benchmark_model(args.tiny)
+    params = job_params(model_dir, Path("."), deterministic, args.tiny, offline)
     data_dir = Path(tempfile.gettempdir()) / "samsum-bench" / "samsum-{train}-{validation}-{test}".format(**sizes)
     write_dataset(data_dir, model_dir, params["prompt"]["instruction"], params["prompt"]["date_string"], sizes)
     params["data"]["source"] = str(data_dir)
@@ -146,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))  # the project's code first
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TORCHINDUCTOR_CACHE_DIR": str(work / "compile-cache")}
-    out = report.header("determinism", {"deterministic": deterministic, "sizes": sizes, "params": params,
+    out = report.header("determinism", {"deterministic": deterministic, "model": args.model, "sizes": sizes,
+                                        "params": params,
                                         "runs": args.runs, "resume": args.resume, "tiny": args.tiny})
     out["runs"] = []
     try:
@@ -163,10 +174,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             out["runs"].append(one_run(project, env, params["training"]["save_steps"] if resume else None))
             out["spread"] = spread(out["runs"])
             log.info("run %d: %s", len(out["runs"]), {k: v for k, v in out["runs"][-1].items() if k != "compare"})
-            path = report.write_results(out, args.out, args.tiny, f"deterministic-{args.deterministic}")
+            path = report.write_results(out, args.out, args.tiny, label)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    path = report.write_results(out, args.out, args.tiny, f"deterministic-{args.deterministic}")
+    path = report.write_results(out, args.out, args.tiny, label)
     print(json.dumps(out.get("spread"), indent=1), f"\nwritten to {path}")
     return out
 
