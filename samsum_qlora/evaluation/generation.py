@@ -148,6 +148,12 @@ def summarize_generations(
     return per_example, metrics
 
 
+def dialogue_prompts(params: Params, tokenizer: PreTrainedTokenizerBase, dialogues: list[str]) -> list[list[int]]:
+    """The generation prompts of `dialogues`: what the evaluation, `stages.summarize` and the export check send."""
+    return [generation_prompt_ids(tokenizer, params.prompt.instruction, d, params.prompt.date_string)
+            for d in dialogues]
+
+
 def model_and_prompts(
     params: Params, dialogues: list[str], adapter: str | None
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[list[int]], list[int], EvalPlan]:
@@ -157,8 +163,7 @@ def model_and_prompts(
     policy = choose_device(params.quantization)
     log.info("device: %s", policy.reason)
     tokenizer = load_tokenizer(params.model)
-    prompts = [generation_prompt_ids(tokenizer, params.prompt.instruction, d, params.prompt.date_string)
-               for d in dialogues]
+    prompts = dialogue_prompts(params, tokenizer, dialogues)
     plan = plan_memory(params, policy, longest_prompt=max(map(len, prompts), default=1))
     model = load_for_generation(params, policy, adapter, plan)
     return model, tokenizer, prompts, stop_token_ids(tokenizer, model, params.prompt.date_string), plan
