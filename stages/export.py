@@ -97,8 +97,12 @@ def export(params: Params, adapter: str, out: str, dtype: torch.dtype, base_weig
 
 
 def _failed(record: dict, out: str, rejected: Path) -> str:
-    hint = ("the base as published differs from the evaluated weights by design: export with the default "
-            "--base-weights quantized" if record["base_weights"] == "original" else "try --dtype float32")
+    if record["base_weights"] == "original":
+        hint = "the base as published differs from the evaluated weights by design: use --base-weights quantized"
+    elif record["dtype"] != "float32":
+        hint = "try --dtype float32"
+    else:
+        hint = "if the adapter changed since its evaluation, run `dvc repro evaluate_adapter` first"
     return (f"the merged model failed its check: ROUGE-L {record['rougeL_difference']:+.2f} points from the evaluated "
             f"summaries (limit ±{record['max_rouge_drift']:g}; {record['exact_matches']} of {record['examples']} "
             f"identical); {out} was {'left as it was' if Path(out).exists() else 'not written'} and the rejected "

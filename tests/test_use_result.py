@@ -199,7 +199,8 @@ def test_a_damaged_merge_fails_the_check_and_leaves_the_previous_export(project,
     line = stage_error_line(capsys, lambda: export.main(["--out", "shipped", "--dtype", "float32"]))
     assert line.startswith("error: the merged model failed its check: ROUGE-L -")
     assert ("identical); shipped was left as it was and the rejected model is in shipped.rejected/ (see its "
-            "export_check.json); try --dtype float32, or accept it with --max-rouge-drift or --no-check") in line
+            "export_check.json); if the adapter changed since its evaluation, run `dvc repro evaluate_adapter` "
+            "first, or accept it with --max-rouge-drift or --no-check") in line
     assert sha256(project / "shipped/model.safetensors") == good
     assert json.loads((project / "shipped/export_check.json").read_text())["passed"] is True
     record = json.loads((project / "shipped.rejected/export_check.json").read_text())
