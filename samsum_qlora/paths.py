@@ -36,3 +36,5 @@ CARD = "models/card/README.md"
 
 # stages.export (not a stage of dvc repro)
 MERGED = "models/merged"
+EXPORT_CHECK = "export_check.json"  # inside the exported folder: the check of its generations against the evaluation
+REJECTED = "{out}.rejected"  # beside --out: a merged model that failed that check, kept for inspection

@@ -68,6 +68,10 @@ def test_readme_quickstart_runs_as_written_offline(tmp_path):
     rows = [json.loads(line) for name in written for line in (repo / name).read_text().splitlines()]
     assert rows and all(set(row) == {"id", "dialogue", "summary"} and row["summary"].strip() for row in rows)
     assert (repo / "models/merged/config.json").is_file() and (repo / "models/merged/model.safetensors").is_file()
+    # The export was checked against the evaluation: its default 64 rows, or the whole test split when smaller.
+    check = json.loads((repo / "models/merged/export_check.json").read_text())
+    evaluated = (repo / "data/predictions/adapter.jsonl").read_text().splitlines()
+    assert check["passed"] and check["examples"] == min(64, len(evaluated)), check
     for (language, _), output in zip(blocks, outputs, strict=True):
         if language == "python":
             assert output.strip(), "the README's Python snippet printed no summary"

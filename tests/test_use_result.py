@@ -3,7 +3,9 @@ against what evaluate_adapter generates."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL, offline_params
+from conftest import TINY_MODEL, offline_params, stage_error_line
 
 DIALOGUES = [
     "Anna: Lunch at 1?\nTom: Sure, see you at the usual place.",
@@ -61,6 +63,19 @@ def evaluated(project) -> list[str]:
     stops = stop_token_ids(tokenizer, model, params.prompt.date_string)
     return [g.text for g in generate(model, tokenizer, prompts, params.eval.max_new_tokens, params.eval.batch_size,
                                      stops)]
+
+
+@pytest.fixture(scope="module")
+def predictions(project, evaluated) -> Path:
+    """data/predictions/adapter.jsonl as evaluate_adapter writes it for DIALOGUES, each reference set to its
+    prediction: a summary then scores 100 points of ROUGE-L against itself, unless it holds no word (rouge_score
+    keeps only [a-z0-9] runs), and any summary the export changes scores less."""
+    path = project / "data/predictions/adapter.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"t{i}", "dialogue": d, "reference": s, "prediction": s, "scores": {}}
+            for i, (d, s) in enumerate(zip(DIALOGUES, evaluated, strict=True))]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def test_summarize_one_dialogue_from_a_file_or_stdin(project, evaluated, monkeypatch, capsys):
@@ -128,7 +143,7 @@ def test_summarize_bad_input_is_named(project, monkeypatch, name, content, messa
 
 
 def test_export_writes_a_plain_transformers_model_that_generates_what_was_evaluated(project, evaluated,
-                                                                                       monkeypatch):
+                                                                                       predictions, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from samsum_qlora.data.prompt import generation_prompt_ids
@@ -155,9 +170,87 @@ def test_export_writes_a_plain_transformers_model_that_generates_what_was_evalua
     merged = generate(model, tokenizer, prompts, params.eval.max_new_tokens, params.eval.batch_size, stops)
     assert [g.text for g in merged] == evaluated
 
-    export.main([])  # the default: bf16 in models/merged
+    # The export checked itself the same way, and recorded what it was checked against.
+    rouge = self_rouge_l(evaluated)
+    assert json.loads((folder / "export_check.json").read_text()) == {
+        "examples": 3, "exact_matches": 3, "rougeL_export": rouge, "rougeL_evaluated": rouge,
+        "rougeL_difference": 0.0, "max_rouge_drift": 0.5, "passed": True, "differing_ids": [],
+        "dtype": "float32", "device": "cpu", "base_weights": "quantized", "adapter": "models/adapter",
+        "adapter_sha256": sha256(project / "models/adapter/adapter_model.safetensors"),
+        "predictions": "data/predictions/adapter.jsonl", "predictions_sha256": sha256(predictions)}
+
+    export.main(["--no-check"])  # the default: models/merged, in the evaluation's dtype; unchecked, so no record
+    assert export.export_dtype(params, "auto") == torch.float32  # the CPU computes in float32 (bf16 on a GPU)
+    assert {t.dtype for t in load_file(project / "models/merged/model.safetensors").values()} == {torch.float32}
+    export.main(["--no-check", "--dtype", "bfloat16"])
     assert {t.dtype for t in load_file(project / "models/merged/model.safetensors").values()} == {torch.bfloat16}
     assert (project / "models/merged/tokenizer.json").is_file()
+    assert not (project / "models/merged/export_check.json").exists()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def self_rouge_l(summaries: list[str]) -> float:
+    """The mean ROUGE-L, in points, of each summary against itself: 100 for one with a word, else 0."""
+    return round(100 * sum(bool(re.search("[a-z0-9]", s.lower())) for s in summaries) / len(summaries), 4)
+
+
+def test_a_damaged_merge_fails_the_check_and_leaves_the_previous_export(project, evaluated, predictions, monkeypatch,
+                                                                        capsys):
+    from stages import export
+
+    monkeypatch.chdir(project)
+    export.main(["--out", "shipped", "--dtype", "float32"])
+    good = sha256(project / "shipped/model.safetensors")
+    merge = export.merged_model
+
+    def damaged_merge(*args, **kwargs) -> torch.nn.Module:
+        model = merge(*args, **kwargs)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.add_(torch.randn(weight.shape, generator=generator) * weight.std())
+        return model
+
+    monkeypatch.setattr(export, "merged_model", damaged_merge)
+    line = stage_error_line(capsys, lambda: export.main(["--out", "shipped", "--dtype", "float32"]))
+    assert line.startswith("error: the merged model failed its check: ROUGE-L -")
+    assert ("identical); shipped was left as it was and the rejected model is in shipped.rejected/ (see its "
+            "export_check.json); if the adapter changed since its evaluation, run `dvc repro evaluate_adapter` "
+            "first, or accept it with --max-rouge-drift or --no-check") in line
+    assert sha256(project / "shipped/model.safetensors") == good
+    assert json.loads((project / "shipped/export_check.json").read_text())["passed"] is True
+    record = json.loads((project / "shipped.rejected/export_check.json").read_text())
+    assert record["passed"] is False and record["exact_matches"] < 3
+    assert record["rougeL_evaluated"] == self_rouge_l(evaluated) > 0
+    assert record["rougeL_difference"] == pytest.approx(record["rougeL_export"] - record["rougeL_evaluated"], abs=1e-3)
+    assert record["rougeL_difference"] < -0.5 and f"ROUGE-L {record['rougeL_difference']:+.2f} points" in line
+    assert len(record["differing_ids"]) == 3 - record["exact_matches"]
+    assert sha256(project / "shipped.rejected/model.safetensors") != good
+
+    monkeypatch.setattr(export, "merged_model", merge)  # a sound export that passes clears the rejected one
+    export.main(["--out", "shipped", "--dtype", "float32"])
+    assert not (project / "shipped.rejected").exists()
+
+
+def test_export_without_predictions_says_how_to_get_them(project, tmp_path, monkeypatch, capsys):
+    from stages import export
+
+    (tmp_path / "params.yaml").write_text((project / "params.yaml").read_text())
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/adapter").symlink_to(project / "models/adapter")
+    monkeypatch.chdir(tmp_path)
+    assert stage_error_line(capsys, lambda: export.main([])) == (
+        "error: data/predictions/adapter.jsonl does not exist, so the export cannot be checked against the "
+        "evaluation: run `dvc repro evaluate_adapter` first, or export with --no-check")
+    assert stage_error_line(capsys, lambda: export.main(["--check-examples", "0"])) == (
+        "error: --check-examples must be at least 1 and --max-rouge-drift at least 0 (--no-check skips the check)")
+    assert not (tmp_path / "models/merged").exists()
+    export.main(["--no-check", "--dtype", "float32"])
+    assert (tmp_path / "models/merged/model.safetensors").is_file()
+    assert not (tmp_path / "models/merged/export_check.json").exists()
 
 
 def test_export_refuses_to_overwrite_the_adapter(project, monkeypatch):

@@ -164,21 +164,30 @@ def summarize_generations(
     return per_example, metrics
 
 
-def model_and_prompts(params: Params, dialogues: list[str], adapter: str | None) -> Generator:
-    """The model ready for generation (with `adapter`, if given) and the dialogues' prompts, each shortened to
-    prompt.max_length tokens as in training, with the memory plan (batch size, dequantize) for eval.max_memory_gib."""
-    policy = choose_device(params.quantization)
-    log.info("device: %s", policy.reason)
-    tokenizer = load_tokenizer(params.model)
+def dialogue_prompts(params: Params, tokenizer: PreTrainedTokenizerBase,
+                     dialogues: list[str]) -> tuple[list[list[int]], list[bool]]:
+    """The generation prompts of `dialogues`, each shortened to prompt.max_length tokens as in training, and which
+    were: what the evaluation, `stages.summarize` and the export check send."""
     prompt = params.prompt
     prompts, shortened = generation_prompts(tokenizer, prompt.instruction, dialogues, prompt.max_length,
                                             prompt.date_string)
     if any(shortened):
         log.info("%d of %d dialogues are longer than prompt.max_length (%d tokens with the prompt): cut at their end",
                  sum(shortened), len(dialogues), prompt.max_length)
+    return prompts, shortened
+
+
+def model_and_prompts(params: Params, dialogues: list[str], adapter: str | None) -> Generator:
+    """The model ready for generation (with `adapter`, if given) and the dialogues' prompts (dialogue_prompts), with
+    the memory plan (batch size, dequantize) for eval.max_memory_gib."""
+    policy = choose_device(params.quantization)
+    log.info("device: %s", policy.reason)
+    tokenizer = load_tokenizer(params.model)
+    prompts, shortened = dialogue_prompts(params, tokenizer, dialogues)
     plan = plan_memory(params, policy, longest_prompt=max(map(len, prompts), default=1))
     model = load_for_generation(params, policy, adapter, plan)
-    return Generator(model, tokenizer, prompts, shortened, stop_token_ids(tokenizer, model, prompt.date_string), plan)
+    return Generator(model, tokenizer, prompts, shortened,
+                     stop_token_ids(tokenizer, model, params.prompt.date_string), plan)
 
 
 def generate_all(params: Params, dialogues: list[str], adapter: str | None) -> list[Generation]:
