@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import signal
 import statistics
@@ -37,6 +36,7 @@ import yaml
 from benchmarks.harness import report
 from benchmarks.harness.dataset import write_dataset
 from benchmarks.harness.shapes import benchmark_model
+from benchmarks.harness.stage_runs import run_stage, stage_env
 from offline.project import make_project
 from offline.run import merge
 from samsum_qlora.params import parse_params
@@ -64,12 +64,6 @@ def job_params(model_dir: Path, data_dir: Path, deterministic: bool, tiny: bool,
     return params
 
 
-def stage(project: Path, env: dict[str, str], *args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=project, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-
-
 def interrupted_train(project: Path, env: dict[str, str], step: int, timeout: float = 600) -> None:
     """Start the train stage and stop it with SIGINT (as Ctrl-C does) once checkpoint-<step> is complete."""
     checkpoint = project / "models" / "checkpoints" / f"checkpoint-{step}"
@@ -95,9 +89,9 @@ def one_run(project: Path, env: dict[str, str], interrupt_at: int | None) -> dic
     started = time.perf_counter()
     if interrupt_at:
         interrupted_train(project, env, interrupt_at)
-    stage(project, env, "stages.train")
-    stage(project, env, "stages.evaluate", "adapter")
-    stage(project, env, "stages.compare")
+    run_stage(project, env, "stages.train")
+    run_stage(project, env, "stages.evaluate", "adapter")
+    run_stage(project, env, "stages.compare")
     train, run, adapter, compare = (read(project, f"metrics/{n}.json") for n in
                                     ("train", "train_run", "adapter", "compare"))
     weights = (project / "models/adapter/adapter_model.safetensors").read_bytes()
@@ -153,17 +147,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params["data"]["source"] = str(data_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-determinism-"))
     project = make_project(work / "project", params)
-    path = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))  # the project's code first
-    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TORCHINDUCTOR_CACHE_DIR": str(work / "compile-cache")}
+    env = stage_env(project, work / "compile-cache")
     out = report.header("determinism", {"deterministic": deterministic, "model": args.model, "sizes": sizes,
                                         "params": params,
                                         "runs": args.runs, "resume": args.resume, "tiny": args.tiny})
     out["runs"] = []
     try:
         for name in ("prepare", "tokenize_mask"):
-            stage(project, env, f"stages.{name}")
-        stage(project, env, "stages.evaluate", "baseline")
+            run_stage(project, env, f"stages.{name}")
+        run_stage(project, env, "stages.evaluate", "baseline")
         out["baseline_rougeL"] = read(project, "metrics/baseline.json")["rougeL"]
         plan = [False] * args.runs + ([True] if args.resume else [])
         for resume in plan:

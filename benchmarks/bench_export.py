@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -24,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_determinism import TINY_SIZES, job_params, read, stage
+from benchmarks.bench_determinism import TINY_SIZES, job_params, read
 from benchmarks.harness import report
 from benchmarks.harness.dataset import write_dataset
 from benchmarks.harness.shapes import benchmark_model
+from benchmarks.harness.stage_runs import run_stage, stage_env
 from offline.project import make_project
 
 log = logging.getLogger(__name__)
@@ -64,16 +64,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params["data"]["source"] = str(data_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-export-"))
     project = make_project(work / "project", params)
-    path = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TORCHINDUCTOR_CACHE_DIR": str(work / "compile-cache")}
+    env = stage_env(project, work / "compile-cache")
     out = report.header("export", {"sizes": sizes, "params": params, "variants": args.variants,
                                    "check_examples": args.check_examples, "tiny": args.tiny})
     out["exports"] = []
     try:
         for name in ("prepare", "tokenize_mask", "train"):
-            stage(project, env, f"stages.{name}")
-        stage(project, env, "stages.evaluate", "adapter")
+            run_stage(project, env, f"stages.{name}")
+        run_stage(project, env, "stages.evaluate", "adapter")
         out["adapter_rougeL"] = read(project, "metrics/adapter.json")["rougeL"]
         for variant in args.variants.split(","):
             dtype, weights = variant.split(":")
