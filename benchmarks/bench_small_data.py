@@ -8,7 +8,8 @@ count left to the data (max_steps -1) and data.train_samples = --train-rows; all
 
 - fixed-warmup: one epoch with the former default's 50 warmup steps (more steps than the run has);
 - ratio: one epoch with training.warmup_ratio's default;
-- epochs-N: N epochs with that ratio, so the run reaches some 100 optimizer steps.
+- epochs-N-fixed-warmup, epochs-N: N epochs, so the run reaches some 100 optimizer steps, with the 50 warmup
+  steps and with the ratio.
 
 Per variant: the schedule the train stage planned (steps, warmup, its warnings), the final losses, ROUGE-L of
 the base and the adapter, the gain and its 95% bootstrap interval from compare.
@@ -41,6 +42,7 @@ def variants(train_rows: int, batch: int) -> dict[str, dict[str, Any]]:
     return {
         "fixed-warmup": {"num_train_epochs": 1.0, "warmup_steps": 50},
         "ratio": {"num_train_epochs": 1.0, "warmup_steps": None},
+        f"epochs-{epochs}-fixed-warmup": {"num_train_epochs": float(epochs), "warmup_steps": 50},
         f"epochs-{epochs}": {"num_train_epochs": float(epochs), "warmup_steps": None},
     }
 
