@@ -35,6 +35,7 @@ from samsum_qlora.training.checkpoints import (
     train_resuming,
 )
 from samsum_qlora.training.curves import curves_callback
+from samsum_qlora.training.determinism import nondeterministic_op_error
 from samsum_qlora.training.guards import check_finite_weights
 from samsum_qlora.training.microbatch import out_of_memory_error
 from samsum_qlora.training.setup import prepare_training
@@ -106,6 +107,10 @@ def train(params: Params) -> None:
         eval_loss = final_eval_loss(trainer) if has_eval else None
     except torch.OutOfMemoryError as err:
         raise out_of_memory_error(err, trainer, params.training, plan=plan) from None
+    except RuntimeError as err:
+        if (error := nondeterministic_op_error(err)) is None:
+            raise
+        raise error from None
     for callback in callbacks:
         callback.live.end()
     # Every process's peak and passes, gathered on all of them.

@@ -46,3 +46,28 @@ def test_a_deterministic_run_reruns_and_resumes_to_the_same_adapter(tmp_path):
     run_module(tmp_path, "stages.train")
     assert json.loads((tmp_path / "metrics/train_run.json").read_text())["resumed_from_step"] == 3
     assert adapter_digest(tmp_path) == first
+
+
+def test_an_op_without_a_deterministic_kernel_stops_the_run_in_one_line(tmp_path, monkeypatch, capsys):
+    from transformers import Trainer
+
+    from conftest import stage_error_line
+    from stages import train
+
+    tokenized_project(tmp_path, deterministic=True)
+    monkeypatch.chdir(tmp_path)
+
+    def no_kernel(*args, **kwargs):  # what torch raises for such an op (here on a GPU, in the backward pass)
+        raise RuntimeError("scatter_add_cuda_kernel does not have a deterministic implementation, but you set "
+                           "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this "
+                           "operation, or you can use the 'warn_only=True' option, if that's acceptable for your "
+                           "application.")
+
+    monkeypatch.setattr(Trainer, "train", no_kernel)
+    # Not in this test process: deterministic algorithms would stay on for the tests after it.
+    monkeypatch.setattr("samsum_qlora.training.setup.make_deterministic", lambda: None)
+    line = stage_error_line(capsys, train.main)
+    assert line == ("error: training.deterministic: scatter_add_cuda_kernel has no deterministic kernel on this "
+                    "device, so this run cannot repeat bit for bit; set training.deterministic to false (nothing was "
+                    "saved)")
+    assert not (tmp_path / "models/adapter").exists()

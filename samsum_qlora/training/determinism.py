@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from samsum_qlora.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 # cuBLAS's workspace setting under which its matmuls reduce in a fixed order; read when a handle is created.
@@ -29,3 +31,13 @@ def make_deterministic() -> None:
     if hasattr(inductor, "deterministic"):
         inductor.deterministic = True
     log.info("training.deterministic: deterministic kernels only; reruns give the same adapter on this machine")
+
+
+def nondeterministic_op_error(err: RuntimeError) -> PipelineError | None:
+    """The one-line error for an op that has no deterministic kernel under training.deterministic, else None."""
+    text = str(err)
+    if "does not have a deterministic implementation" not in text:
+        return None
+    op = text.split(" does not have", 1)[0].strip().splitlines()[-1]
+    return PipelineError(f"training.deterministic: {op} has no deterministic kernel on this device, so this run cannot "
+                         "repeat bit for bit; set training.deterministic to false (nothing was saved)")
