@@ -16,9 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks import (
     bench_compile,
+    bench_determinism,
     bench_eval,
     bench_loop,
     bench_memory,
+    bench_small_data,
     bench_train,
     card_plans,
     check_packed,
@@ -48,7 +50,7 @@ def committed_params(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     # The benchmarks measure params.yaml's values; here the schema's defaults, not an experiment left in the workspace.
     path = tmp_path_factory.mktemp("params") / "params.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(Params()), sort_keys=False), encoding="utf-8")
-    for module in (bench_eval, bench_loop, bench_memory, setups):
+    for module in (bench_determinism, bench_eval, bench_loop, bench_memory, setups):
         monkeypatch.setattr(module, "PROJECT_PARAMS", path)
 
 
@@ -390,3 +392,29 @@ def test_the_readmes_card_table_is_what_the_memory_plans_choose():
     assert table in readme
     # The 8B base on a 24 GB card: only checkpointing per pass lets its heaviest step fit.
     assert "| 8B | checkpointing per pass (up to" in table
+
+
+def test_determinism_spread_is_over_fresh_runs_and_identity_over_all():
+    run = {"resumed_from_step": 0, "rougeL": 0.2, "adapter_sha256": "a", "predictions_sha256": "p"}
+    runs = [run, {**run, "rougeL": 0.215}, {**run, "rougeL": 0.19, "resumed_from_step": 50}]
+    assert bench_determinism.spread(runs) == {
+        "runs": 2, "rougeL_points": [20.0, 21.5], "rougeL_max_minus_min": 1.5, "rougeL_sd": round(1.5 / 2**0.5, 3),
+        "identical_adapters": True, "identical_predictions": True}
+    assert not bench_determinism.spread([run, {**run, "adapter_sha256": "b"}])["identical_adapters"]
+
+
+def test_determinism_jobs_take_the_switch_and_one_epoch_of_the_data(tmp_path: Path):
+    job = bench_determinism.job_params(tmp_path / "m", tmp_path / "d", True, tiny=False, offline=True)
+    t = job["training"]
+    assert (t["deterministic"], t["max_steps"], t["save_steps"], t["learning_rate"]) == (True, -1, 50, 0.002)
+    assert job["model"]["base_model"] == str(tmp_path / "m") and job["data"]["source"] == str(tmp_path / "d")
+    assert "down_proj" in job["lora"]["target_modules"]  # the offline profile's adapters
+    default = bench_determinism.job_params(tmp_path / "m", tmp_path / "d", False, tiny=False, offline=False)
+    assert default["lora"]["target_modules"] == ["q_proj", "v_proj"] and not default["training"]["deterministic"]
+
+
+def test_small_data_variants_reach_some_hundred_steps():
+    variants = bench_small_data.variants(96, 8)  # 12 steps per epoch: 9 epochs reach 108
+    assert list(variants) == ["fixed-warmup", "ratio", "epochs-9-fixed-warmup", "epochs-9"]
+    assert variants["epochs-9"] == {"num_train_epochs": 9.0, "warmup_steps": None}
+    assert variants["fixed-warmup"] == {"num_train_epochs": 1.0, "warmup_steps": 50}

@@ -247,6 +247,18 @@ def test_schedule_warnings_are_limits(tmp_path, monkeypatch):
 
     limits = (tmp_path / "models/card/README.md").read_text().split("## Limits", 1)[1]
     assert f"- Its training schedule was unlikely to train well: {warning}." in limits
+    assert "were cut at their end" not in limits  # no test dialogue was
+
+
+def test_shortened_test_dialogues_are_a_limit(tmp_path, monkeypatch):
+    write_project(tmp_path, files={**FILES, "metrics/adapter.json": {**ADAPTER, "shortened_prompts": 3}})
+    monkeypatch.chdir(tmp_path)
+
+    card.main()
+
+    limits = (tmp_path / "models/card/README.md").read_text().split("## Limits", 1)[1]
+    assert ("- 3 of 819 test dialogues were longer than prompt.max_length (448 tokens) and were cut at their end, as "
+            "in training.") in limits
 
 
 @pytest.mark.parametrize(

@@ -208,6 +208,10 @@ def limits_section(params: Params, inputs: dict) -> list[str]:
     domain = note[1] if note else f"the dialogues of `{params.data.source}`"
     schedule = [f"- Its training schedule was unlikely to train well: {warning}."
                 for warning in inputs["run"]["schedule"]["warnings"]]
+    if shortened := inputs["adapter"].get("shortened_prompts"):  # absent from an older evaluation's file
+        schedule.append(f"- {shortened} of {_count(inputs['comparison']['examples'])} test dialogues were longer than "
+                        f"prompt.max_length ({params.prompt.max_length} tokens) and were cut at their end, as in "
+                        "training.")
     return [
         "", "## Limits", "",
         *schedule,
