@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for variant in args.variants.split(","):
             dtype, weights = variant.split(":")
             out["exports"].append(export_variant(project, env, dtype, weights, args.check_examples))
-            log.info("%s", json.dumps(out["exports"][-1]))
+            log.info("%s", json.dumps(out["exports"][-1], allow_nan=False))
             report.write_results(out, args.out, args.tiny)
     finally:
         shutil.rmtree(work, ignore_errors=True)
