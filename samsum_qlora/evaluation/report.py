@@ -94,8 +94,9 @@ def _interval_lines(comparison: dict) -> list[str]:
     lines = [
         f"The {CONFIDENCE:.0%} interval comes from resampling the test examples ({RESAMPLES:,} paired-bootstrap "
         "resamples, fixed seed, percentile method): it shows how far the mean change could move on another test "
-        "set of this size drawn the same way. It does not cover run-to-run training noise (another seed trains "
-        "another adapter).",
+        "set of this size drawn the same way. It does not cover run-to-run training noise (another seed, or on a "
+        "GPU another run, trains another adapter: [how much](../docs/performance.md#repeatable-runs-and-how-much-is-"
+        "noise)).",
     ]
     unclear = [key for key in ROUGE_KEYS if includes_zero(comparison["interval"][key])]
     if unclear:
