@@ -42,7 +42,8 @@ def prepare_training(params: Params, train: Dataset, validation: Dataset | None 
                      callbacks: list[TrainerCallback] | None = None, output_dir: str = CHECKPOINTS) -> Training:
     """The run `params` describe on the tokenized `train` split (and `validation`, if given): the device chosen and
     said, the memory plan made for training.max_memory_gib, the seed set, the tokenizer and base loaded, LoRA
-    added, and the Trainer built to write its checkpoints to `output_dir`, guarded against non-finite losses."""
+    added, and the Trainer built to write its checkpoints to `output_dir`, guarded against non-finite losses and
+    saying its schedule when it starts; deterministic kernels only under training.deterministic."""
     if params.training.deterministic:
         make_deterministic()
     policy = choose_device(params.quantization, params.training.optim)
