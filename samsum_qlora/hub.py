@@ -14,15 +14,31 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from samsum_qlora.errors import PipelineError
 
 PROBE_SECONDS = 3.0
+# How a data file's name ends: a local name, never a hub repository's.
+FILE_SUFFIXES = frozenset({".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".zip", ".gz", ".tar"})
 # The first of these that is set decides, as in huggingface_hub (models) and datasets (which reads its own first).
 MODEL_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 DATASET_SWITCHES = ("HF_DATASETS_OFFLINE", *MODEL_SWITCHES)
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 OFFLINE_PROFILE = "or run the offline profile, which needs no network: `python -m offline.run`"
+
+
+def spelled_like_path(name: str) -> bool:
+    """Whether `name` can only be a local path, whether or not it exists: it breaks huggingface_hub's rules for a
+    repository id (`name` or `owner/name`, so no `/`, `.`, `~` or drive at the start and no third part), or it ends
+    like a data file. The one rule the data source, the model loader and the model card go by."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return Path(name).suffix.lower() in FILE_SUFFIXES
 
 
 def offline_switch(switches: tuple[str, ...] = MODEL_SWITCHES) -> str | None:

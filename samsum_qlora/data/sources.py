@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from samsum_qlora import hub
 from samsum_qlora.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -227,19 +228,13 @@ def load_hub(dataset_id: str, revision: str) -> dict[str, Table]:
             for split in SPLITS}
 
 
-def _looks_like_path(source: str) -> bool:
-    # Hub ids are `name` or `owner/name`; anything else that names no existing file is a mistyped path.
-    return (source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
-            or Path(source).suffix.lower() in FORMATS)
-
-
 def load_source(source: str, revision: str) -> dict[str, Table]:
     """Load the three splits named by `data.source`: an existing local path, else a hub dataset id."""
     path = Path(source).expanduser()
     if path.exists():
         logger.info("reading local data from %s", path)
         return read_local(path)
-    if _looks_like_path(source):
+    if hub.spelled_like_path(source):
         raise PipelineError(f"data.source {source!r} does not exist; give an existing file or folder "
                             "(relative to the project root) or a hub dataset id")
     logger.info("loading hub dataset %s at revision %s", source, revision)

@@ -6,15 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCardData
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from samsum_qlora.evaluation.report import ROUGE_NAMES
 from samsum_qlora.evaluation.scoring import ROUGE_KEYS
+from samsum_qlora.hub import spelled_like_path
 from samsum_qlora.params import Params
 
 NAME = "samsum-summarizer"  # the adapter's name in dvc.yaml's `artifacts:` (DVC's model registry)
-# Endings of a local data file (data.source) or archive: a name ending so is a path, even where nothing is there now.
-FILE_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".zip", ".gz", ".tar"}
 # What the card can say of a hub dataset beyond the pipeline's files, by the dataset's name (without its owner).
 KNOWN_DATASETS = {
     "samsum": ("en", "messenger-like chats in English, written by linguists to resemble everyday conversations, "
@@ -31,12 +29,8 @@ def hub_id(name: str) -> str | None:
     A hub id is `name` or `owner/name` by huggingface_hub's rules (so no `/`, `./`, `~` or drive at the start, no
     third part); such a name is still local when something exists there, when its owner part is a local folder
     (`data/samples` with `data/` here, though `samples` is gone) or when it ends like a data file (`chats.jsonl`)."""
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
     path = Path(name)
-    if path.exists() or path.suffix.lower() in FILE_SUFFIXES or (len(path.parts) == 2 and Path(path.parts[0]).is_dir()):
+    if spelled_like_path(name) or path.exists() or (len(path.parts) == 2 and Path(path.parts[0]).is_dir()):
         return None
     return name
 

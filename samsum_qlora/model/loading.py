@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,8 +75,9 @@ def peak_memory_gib() -> float:
 
 
 def is_local(name: str) -> bool:
-    """A name that exists on disk or is spelled like a path is local; `org/name` is a hub id."""
-    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    """A name that exists on disk or is spelled like a path (hub.spelled_like_path) is local; `org/name` is a hub
+    id."""
+    return Path(name).exists() or hub.spelled_like_path(name)
 
 
 def _check_local(name: str, param: str) -> None:
