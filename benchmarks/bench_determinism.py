@@ -26,43 +26,19 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from benchmarks.harness import report
-from benchmarks.harness.dataset import write_dataset
+from benchmarks.harness.dvc_runs import read_json
 from benchmarks.harness.shapes import benchmark_model
-from benchmarks.harness.stage_runs import run_stage, stage_env
-from offline.project import make_project
-from offline.run import merge
-from samsum_qlora.params import parse_params
+from benchmarks.harness.stage_runs import TINY_SIZES, job_params, job_project, run_stage
 from samsum_qlora.training.checkpoints import checkpoint_problem
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PARAMS = ROOT / "params.yaml"  # the values measured (the tests point it at the schema's defaults)
-TINY_SIZES = {"train": 64, "validation": 8, "test": 16}
-TINY_PARAMS = {"training": {"max_steps": 6, "logging_steps": 1, "eval_steps": 3, "save_steps": 3},
-               "eval": {"max_new_tokens": 8, "batch_size": 16}}
-
-
-def job_params(model_dir: Path, data_dir: Path, deterministic: bool, tiny: bool, offline: bool) -> dict[str, Any]:
-    """params.yaml's values (with the offline profile's over them for --model offline) on the benchmark model and
-    data: one epoch of --train-rows, checkpoints every 50 steps (the resume check interrupts after the first), and
-    the deterministic switch."""
-    params = yaml.safe_load(PROJECT_PARAMS.read_text(encoding="utf-8"))
-    if offline:
-        params = merge(params, yaml.safe_load((ROOT / "offline/params.yaml").read_text(encoding="utf-8")))
-    local = {"model": {"base_model": str(model_dir), "tokenizer_type": None}, "data": {"source": str(data_dir)},
-             "training": {"deterministic": deterministic, "max_steps": -1, "save_steps": 50, "eval_steps": 50}}
-    params = merge(merge(params, local), TINY_PARAMS if tiny else {})
-    parse_params(params)
-    return params
 
 
 def interrupted_train(project: Path, env: dict[str, str], step: int, timeout: float = 600) -> None:
@@ -79,10 +55,6 @@ def interrupted_train(project: Path, env: dict[str, str], step: int, timeout: fl
     proc.wait(timeout=120)
 
 
-def read(project: Path, name: str) -> dict[str, Any]:
-    return json.loads((project / name).read_text(encoding="utf-8"))
-
-
 def one_run(project: Path, env: dict[str, str], interrupt_at: int | None) -> dict[str, Any]:
     """Train from nothing (or interrupted after the checkpoint at step `interrupt_at`, then resumed), evaluate,
     compare."""
@@ -93,7 +65,7 @@ def one_run(project: Path, env: dict[str, str], interrupt_at: int | None) -> dic
     run_stage(project, env, "stages.train")
     run_stage(project, env, "stages.evaluate", "adapter")
     run_stage(project, env, "stages.compare")
-    train, run, adapter, compare = (read(project, f"metrics/{n}.json") for n in
+    train, run, adapter, compare = (read_json(project / f"metrics/{n}.json") for n in
                                     ("train", "train_run", "adapter", "compare"))
     weights = (project / "models/adapter/adapter_model.safetensors").read_bytes()
     return {
@@ -102,7 +74,7 @@ def one_run(project: Path, env: dict[str, str], interrupt_at: int | None) -> dic
         "train_runtime_s": train["runtime_s"], "rougeL": adapter["rougeL"], "compare": compare,
         "predictions_sha256": hashlib.sha256((project / "data/predictions/adapter.jsonl").read_bytes()).hexdigest(),
         "wall_s": round(time.perf_counter() - started, 1),
-        **({"compare_rouge": read(project, "metrics/compare_rouge.json")}
+        **({"compare_rouge": read_json(project / "metrics/compare_rouge.json")}
            if (project / "metrics/compare_rouge.json").is_file() else {}),
     }
 
@@ -142,13 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = TINY_SIZES if args.tiny else {"train": args.train_rows, "validation": 100, "test": args.test_rows}
     offline = args.model == "offline"
     model_dir = ROOT / "offline" / "tiny-llama" if offline else benchmark_model(args.tiny)
-    params = job_params(model_dir, Path("."), deterministic, args.tiny, offline)
-    data_dir = Path(tempfile.gettempdir()) / "samsum-bench" / "samsum-{train}-{validation}-{test}".format(**sizes)
-    write_dataset(data_dir, model_dir, params["prompt"]["instruction"], params["prompt"]["date_string"], sizes)
-    params["data"]["source"] = str(data_dir)
-    work = Path(tempfile.mkdtemp(prefix="bench-determinism-"))
-    project = make_project(work / "project", params)
-    env = stage_env(project, work / "compile-cache")
+    work, project, params, env = job_project(job_params(model_dir, deterministic, args.tiny, offline), sizes,
+                                             "bench-determinism-")
     out = report.header("determinism", {"deterministic": deterministic, "model": args.model, "sizes": sizes,
                                         "params": params,
                                         "runs": args.runs, "resume": args.resume, "tiny": args.tiny})
@@ -157,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in ("prepare", "tokenize_mask"):
             run_stage(project, env, f"stages.{name}")
         run_stage(project, env, "stages.evaluate", "baseline")
-        out["baseline_rougeL"] = read(project, "metrics/baseline.json")["rougeL"]
+        out["baseline_rougeL"] = read_json(project / "metrics/baseline.json")["rougeL"]
         plan = [False] * args.runs + ([True] if args.resume else [])
         for resume in plan:
             last = out["runs"][-1]["wall_s"] if out["runs"] else 0

@@ -18,17 +18,14 @@ import logging
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_determinism import TINY_SIZES, job_params, read
 from benchmarks.harness import report
-from benchmarks.harness.dataset import write_dataset
+from benchmarks.harness.dvc_runs import read_json
 from benchmarks.harness.shapes import benchmark_model
-from benchmarks.harness.stage_runs import run_stage, stage_env
-from offline.project import make_project
+from benchmarks.harness.stage_runs import TINY_SIZES, job_params, job_project, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +38,7 @@ def export_variant(project: Path, env: dict[str, str], dtype: str, weights: str,
                            weights, "--check-examples", str(examples)], cwd=project, env=env, capture_output=True,
                           text=True)
     folder = project / out if (project / out).is_dir() else project / f"{out}.rejected"
-    record = read(folder, "export_check.json") if (folder / "export_check.json").is_file() else None
+    record = read_json(folder / "export_check.json") if (folder / "export_check.json").is_file() else None
     last = proc.stderr.strip().splitlines()[-1:] if proc.returncode else []
     return {"dtype": dtype, "base_weights": weights, "returncode": proc.returncode, "record": record,
             "error": last[0] if last else None, "wall_s": round(time.perf_counter() - started, 1)}
@@ -58,13 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sizes = TINY_SIZES if args.tiny else {"train": args.train_rows, "validation": 100, "test": args.check_examples}
     model_dir = benchmark_model(args.tiny)
-    params = job_params(model_dir, Path("."), False, args.tiny, offline=False)
-    data_dir = Path(tempfile.gettempdir()) / "samsum-bench" / "samsum-{train}-{validation}-{test}".format(**sizes)
-    write_dataset(data_dir, model_dir, params["prompt"]["instruction"], params["prompt"]["date_string"], sizes)
-    params["data"]["source"] = str(data_dir)
-    work = Path(tempfile.mkdtemp(prefix="bench-export-"))
-    project = make_project(work / "project", params)
-    env = stage_env(project, work / "compile-cache")
+    work, project, params, env = job_project(job_params(model_dir, False, args.tiny, offline=False), sizes,
+                                             "bench-export-")
     out = report.header("export", {"sizes": sizes, "params": params, "variants": args.variants,
                                    "check_examples": args.check_examples, "tiny": args.tiny})
     out["exports"] = []
@@ -72,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in ("prepare", "tokenize_mask", "train"):
             run_stage(project, env, f"stages.{name}")
         run_stage(project, env, "stages.evaluate", "adapter")
-        out["adapter_rougeL"] = read(project, "metrics/adapter.json")["rougeL"]
+        out["adapter_rougeL"] = read_json(project / "metrics/adapter.json")["rougeL"]
         for variant in args.variants.split(","):
             dtype, weights = variant.split(":")
             out["exports"].append(export_variant(project, env, dtype, weights, args.check_examples))

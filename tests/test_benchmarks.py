@@ -27,7 +27,7 @@ from benchmarks import (
     profile_generate,
     profile_train,
 )
-from benchmarks.harness import dvc_queue, dvc_runs, setups
+from benchmarks.harness import dvc_queue, dvc_runs, setups, stage_runs
 from benchmarks.harness.dataset import build_splits, template_lengths
 from benchmarks.harness.lengths import (
     IGNORE_INDEX,
@@ -50,7 +50,7 @@ def committed_params(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     # The benchmarks measure params.yaml's values; here the schema's defaults, not an experiment left in the workspace.
     path = tmp_path_factory.mktemp("params") / "params.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(Params()), sort_keys=False), encoding="utf-8")
-    for module in (bench_determinism, bench_eval, bench_loop, bench_memory, setups):
+    for module in (bench_eval, bench_loop, bench_memory, setups, stage_runs):
         monkeypatch.setattr(module, "PROJECT_PARAMS", path)
 
 
@@ -404,12 +404,12 @@ def test_determinism_spread_is_over_fresh_runs_and_identity_over_all():
 
 
 def test_determinism_jobs_take_the_switch_and_one_epoch_of_the_data(tmp_path: Path):
-    job = bench_determinism.job_params(tmp_path / "m", tmp_path / "d", True, tiny=False, offline=True)
+    job = stage_runs.job_params(tmp_path / "m", True, tiny=False, offline=True)
     t = job["training"]
     assert (t["deterministic"], t["max_steps"], t["save_steps"], t["learning_rate"]) == (True, -1, 50, 0.002)
-    assert job["model"]["base_model"] == str(tmp_path / "m") and job["data"]["source"] == str(tmp_path / "d")
+    assert job["model"]["base_model"] == str(tmp_path / "m")
     assert "down_proj" in job["lora"]["target_modules"]  # the offline profile's adapters
-    default = bench_determinism.job_params(tmp_path / "m", tmp_path / "d", False, tiny=False, offline=False)
+    default = stage_runs.job_params(tmp_path / "m", False, tiny=False, offline=False)
     assert default["lora"]["target_modules"] == ["q_proj", "v_proj"] and not default["training"]["deterministic"]
 
 
