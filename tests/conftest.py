@@ -21,6 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = Path(os.environ.get("TEST_TINY_MODEL", ROOT / "offline" / "tiny-llama"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _transformers_logs_to_the_session_stderr() -> None:
+    # transformers' logging handler binds sys.stderr when it is first configured. Made here, before any test swaps
+    # sys.stderr for capsys, it writes to the session's stream; made inside such a test, it kept that test's closed
+    # stream and broke every later in-process stage's warning (tests/test_faults_training.py alone showed it).
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.get_verbosity()
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
