@@ -120,3 +120,18 @@ def tokenized_project(root: Path, **training) -> dict:
     run_module(root, "stages.prepare")
     run_module(root, "stages.tokenize_mask")
     return params
+
+
+# What a run writes or reads its params from: an experiment run elsewhere must leave all of it as it was.
+WORKSPACE = ["params.yaml", "dvc.lock", "metrics", "models/adapter", "data/prepared", "data/tokenized",
+             "data/predictions"]
+
+
+def snapshot(repo: Path) -> dict[str, bytes]:
+    """Every file of the workspace that a run writes or reads its params from, by path."""
+    files = {}
+    for name in WORKSPACE:
+        path = repo / name
+        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            files[f.relative_to(repo).as_posix()] = f.read_bytes()
+    return files

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.harness.dvc_queue import experiments_shown, start_queue, wait_for_queue
-from conftest import ROOT, dvc_env, git, make_project, offline_params, run_dvc
+from conftest import ROOT, dvc_env, git, make_project, offline_params, run_dvc, snapshot
 
 pytestmark = pytest.mark.slow
 SHORT = {  # the offline profile cut to a few seconds per stage: what is tested is the queue, not the model
@@ -20,25 +20,11 @@ SHORT = {  # the offline profile cut to a few seconds per stage: what is tested 
 }
 GOOD = {"r4": ["-S", "lora.r=4"], "r16": ["-S", "lora.r=16"]}
 BAD = ["-S", "model.base_model=offline/no-such-model"]  # tokenize_mask stops: the folder does not exist
-WORKSPACE = ["params.yaml", "dvc.lock", "metrics", "models/adapter", "data/prepared", "data/tokenized",
-             "data/predictions"]
-
-
 def readme_short_view() -> list[str]:
     """The README's recommended `dvc exp show` command (of its quick-start), as arguments."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     line = next(line for line in text.splitlines() if line.startswith("dvc exp show --no-pager"))
     return shlex.split(line.split(" #", 1)[0])
-
-
-def snapshot(repo: Path) -> dict[str, bytes]:
-    """Every file of the workspace that a run writes or reads its params from, by path."""
-    files = {}
-    for name in WORKSPACE:
-        path = repo / name
-        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-            files[f.relative_to(repo).as_posix()] = f.read_bytes()
-    return files
 
 
 def commit_all(repo: Path, message: str) -> None:
