@@ -1,6 +1,7 @@
 """The experiment loop through DVC itself: the whole job from nothing, a one-param rerun, and a queued sweep.
 
-    python -m benchmarks.bench_loop [--parts job,rerun,retrain,sweep] [--jobs N] [--train-rows 14732] [--tiny]
+    python -m benchmarks.bench_loop [--parts job,rerun,retrain,sweep,search,tpe] [--jobs N] [--train-rows 14732]
+                                    [--tiny]
                                     [--out benchmarks/results] [--set training.compile=false ...] [--label baseline]
 
 Everything runs through real DVC commands in a throwaway git+DVC copy of the project (offline/project.py's
@@ -12,7 +13,9 @@ and a SAMSum-size dataset of local files (benchmarks/harness/dataset.py), with p
 - retrain: `dvc repro --force --single-item train` on the job's params: the train stage with a warm compile cache;
 - sweep: a grid queued with `dvc exp run --queue -S ... -S ...`, run by `dvc queue start -j N` until the queue
   is empty (or --sweep-timeout: what still runs is killed, and the file says which finished, and when);
-  `dvc exp show --json` must then list every experiment with its metrics.
+  `dvc exp show --json` must then list every experiment with its metrics;
+- search: the same grid through `python -m stages.search --grid ...` (Dask workers, trials as DVC experiments);
+- tpe: the grid's space searched by TPE with successive-halving pruning (harness/search_runs.py's TPE).
 
 With --workdir, the copy is kept, and a later call with the same --workdir and without the job part starts from
 that finished job (and its warm compile cache): e.g. `--parts job,rerun` and then `--parts sweep`.
@@ -45,6 +48,7 @@ from benchmarks.harness.dataset import SAMSUM_SIZES, dataset_stats, write_datase
 from benchmarks.harness.dvc_queue import run_peak_gib, run_sweep, stop_queue
 from benchmarks.harness.dvc_runs import STAGE_TIMER, commit_all, part_result, read_json, restore_workspace, timed_dvc
 from benchmarks.harness.overrides import parse_overrides
+from benchmarks.harness.search_runs import TPE, run_search, write_search_file
 from benchmarks.harness.shapes import LLAMA_3_2_1B, TINY, benchmark_model
 from offline.project import dvc_env, make_project
 from offline.run import merge
@@ -55,7 +59,7 @@ PROJECT_PARAMS = ROOT / "params.yaml"  # the values measured (the tests point it
 
 log = logging.getLogger(__name__)
 
-PARTS = ("job", "rerun", "retrain", "sweep")
+PARTS = ("job", "rerun", "retrain", "sweep", "search", "tpe")
 RERUN = ["lora.r=16"]
 GRID = ["lora.r=8,16,32", "training.learning_rate=1e-4,2e-4,4e-4"]
 TINY_SIZES = {"train": 96, "validation": 16, "test": 16}
@@ -77,7 +81,12 @@ def loop_params(model_dir: Path, data_dir: Path, tiny: bool, overrides: dict[str
 
 def print_part(name: str, result: dict[str, Any]) -> None:
     print(f"\n{name}: {result['command']}  ({result['wall_s']:.1f} s)")
-    if "stages" in result:
+    if "trials" in result:
+        columns = [("trial", "trial"), ("params", "params"), ("state", "state"), ("objective", "value"),
+                   ("pruned at", "pruned_at_step"), ("s", "seconds")]
+        print(report.table(columns, [{**t, "params": str(t["params"])} for t in result["trials"]]))
+        print(f"best: {result['best']}; {result['states']}")
+    elif "stages" in result:
         columns = [("stage", "stage"), ("wall s", "wall_s"), ("process s", "process_s"), ("DVC s", "dvc_s"),
                    ("work s", "work_s"), ("compile s", "compile_s"), ("GPU peak GiB", "peak_gpu_gib")]
         total = {"stage": "whole command", "wall_s": result["wall_s"]}
@@ -156,6 +165,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                     retrain = ["repro", "--force", "--single-item", "train"]
                     result = part_result(timed_dvc(project, retrain, env, logs / "retrain.log"), timings, project)
                     restore_workspace(project, env)
+                elif part == "search":
+                    grid = [a for spec in args.grid for a in ("--grid", spec)]
+                    result = run_search(project, env, "grid", grid, logs / "search.log", args.sweep_timeout, timings)
+                elif part == "tpe":
+                    spec = write_search_file(project, "tpe", {**TPE, **({"trials": 2} if args.tiny else {})})
+                    result = run_search(project, env, "tpe", [str(spec)], logs / "tpe.log", args.sweep_timeout,
+                                        timings)
                 else:
                     peak = run_peak_gib(out["results"].get("job"), project, timings)
                     result = run_sweep(project, env, args.grid, args.jobs, peak, logs / "sweep.log",

@@ -363,10 +363,16 @@ def test_bench_loop_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
              for line in path.read_text(encoding="utf-8").splitlines()]
     assert any(row["argv"][-1].endswith("train.py") for row in timed), timed
     # A second call with the same --workdir starts from that job (its baseline evaluation stays cached).
-    bench_loop.main([*common, "--parts", "sweep", "--grid", "lora.r=4,16", "--jobs", "2",
+    bench_loop.main([*common, "--parts", "sweep,search", "--grid", "lora.r=4,16", "--jobs", "2",
                      "--out", str(tmp_path / "out2")])
     second = _read_report(tmp_path / "out2", "loop")
-    assert second["failed"] == [] and second["config"]["reused_job"] and second["results"].keys() == {"sweep"}
+    assert second["failed"] == [] and second["config"]["reused_job"]
+    assert second["results"].keys() == {"sweep", "search"}
+    search = second["results"]["search"]  # the same grid through stages.search: one experiment per trial
+    assert search["returncode"] == 0 and search["states"] == {"complete": 2} and not search["timed_out"]
+    assert search["experiments_shown"] == ["grid-0", "grid-1"] and len(search["trains"]) == 2
+    assert sorted(t["params"]["lora.r"] for t in search["trials"]) == [4, 16]
+    assert search["best"]["value"] == max(t["value"] for t in search["trials"])
     job, rerun, sweep = report["results"]["job"], report["results"]["rerun"], second["results"]["sweep"]
     assert sorted(job["ran"]) == sorted(dvc_runs.MODULES) and job["skipped"] == []
     for row in job["stages"]:  # DVC's time for a stage holds its process, which the timer hook measured

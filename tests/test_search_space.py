@@ -42,6 +42,16 @@ def test_the_committed_example_is_valid_and_samples_the_documented_space():
     assert distributions(spec)["training.learning_rate"].log
 
 
+def test_the_benchmarks_tpe_search_is_valid_and_spans_the_grid():
+    from benchmarks.harness.search_runs import TPE
+    from samsum_qlora.search.space import SearchSpec
+
+    spec = SearchSpec.model_validate({"name": "tpe", **TPE})
+    check_space(spec, "TPE", PARAMS)
+    grid, _ = load_spec(None, ["lora.r=8,16,32", "training.learning_rate=1e-4,2e-4,4e-4"], None)
+    assert spec.space == grid.space and spec.pruner == "halving" and spec.trial_count() == 6
+
+
 @pytest.mark.parametrize(("text", "says"), [
     ("space: {lora.rank: [4, 8]}", "space key lora.rank is not in params.yaml (keys of lora: r, lora_alpha"),
     ("space: {lora.r: [8, 0]}", "space.lora.r = 0: lora.r is 0"),
