@@ -101,12 +101,14 @@ def test_the_leaderboard_ranks_finished_trials_by_the_objective_then_pruned_fail
             trial.set_user_attr("interrupted", True)
         if how == "pruned":
             trial.set_user_attr("step", 40)
+            trial.report(-7.5, 40)
         study.tell(trial, value) if value is not None else study.tell(
             trial, state=TrialState.PRUNED if how == "pruned" else TrialState.FAIL)
     board = leaderboard.rows(study, maximize=True)
     assert [(r["trial"], r["state"]) for r in board] == [
         (2, "complete"), (5, "complete"), (0, "complete"), (1, "pruned"), (3, "failed"), (4, "interrupted")]
     assert [r["experiment"] for r in board[:3]] == ["s-2", "s-5", "s-0"]
+    assert board[3]["value"] is None  # Optuna gives a pruned trial its last intermediate value: not the objective
     text = leaderboard.table(board, "rougeL.tuned")
     assert "| 2 | s-2 |" in text and "pruned at step 40" in text
     assert leaderboard.best_line(board, "rougeL.tuned").endswith("dvc exp apply s-2")

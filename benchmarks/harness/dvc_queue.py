@@ -17,17 +17,14 @@ import torch
 
 from benchmarks.harness.dvc_runs import compile_seconds, read_json, read_tail, read_timings, timed_dvc
 from offline.project import run_dvc
+from samsum_qlora.search.cluster import CONTEXT_GIB, CORES_PER_RUN, HEADROOM, runs_that_fit
 
 log = logging.getLogger(__name__)
 
 QUEUED = re.compile(r"Queued experiment '([\w-]+)'")
-# -j memory rule: a run needs the largest peak of the job's stages (each stage process's
-# torch.cuda.max_memory_allocated, from the stage timer; else train.json's peak) times HEADROOM, for the
-# allocator's fragmentation and steps longer than the job's, plus CONTEXT_GIB for each process's CUDA context.
-HEADROOM = 1.25
-CONTEXT_GIB = 1.0
+# -j: the search's memory rule (samsum_qlora/search/cluster.py) on the largest peak of the job's stages (each stage
+# process's torch.cuda.max_memory_allocated, from the stage timer; else train.json's peak)
 STOP_TIMEOUT_S = 60.0  # for `dvc queue stop` and `dvc queue kill` each
-CORES_PER_RUN = 2  # a run keeps one core busy feeding its GPU, compiling takes more: at most cores / 2 runs
 
 def grid_size(grid: list[str]) -> int:
     """How many experiments a grid of `KEY=V1,V2` specs makes."""
@@ -41,8 +38,7 @@ def default_jobs(peak_gib: float | None, experiments: int) -> tuple[int, str]:
     if not torch.cuda.is_available() or not peak_gib:
         return cap, f"no GPU reading: one worker per {CORES_PER_RUN} cores ({cores}), at most {experiments}"
     free = torch.cuda.mem_get_info()[0] / 2**30
-    per_run = peak_gib * HEADROOM + CONTEXT_GIB
-    fits = max(1, math.floor(free / per_run))
+    fits = runs_that_fit(free, peak_gib)
     return min(fits, cap), (f"floor({free:.1f} GiB free / ({peak_gib:.2f} GiB stage peak x {HEADROOM} + "
                             f"{CONTEXT_GIB} GiB)) = {fits}, capped at {cap} (experiments; {cores} cores / "
                             f"{CORES_PER_RUN})")

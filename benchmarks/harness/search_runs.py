@@ -29,7 +29,8 @@ def study_trials(project: Path, name: str) -> list[dict[str, Any]]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{project / '.search' / (name + '.db')}")
-    return [{"trial": t.number, "params": t.params, "state": t.state.name.lower(), "value": t.value,
+    return [{"trial": t.number, "params": t.params, "state": t.state.name.lower(),
+             "value": t.value if t.state.name == "COMPLETE" else None,  # pruned: Optuna keeps the last loss
              "pruned_at_step": t.user_attrs.get("step") if t.state.name == "PRUNED" else None,
              "seconds": t.user_attrs.get("seconds"), "interrupted": bool(t.user_attrs.get("interrupted"))}
             for t in study.get_trials(deepcopy=False)]

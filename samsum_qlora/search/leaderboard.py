@@ -25,7 +25,9 @@ def rows(study: Any, maximize: bool) -> list[dict[str, Any]]:
         if state == "waiting":
             continue
         out.append({"trial": t.number, "experiment": f"{study.study_name}-{t.number}" if state == "complete" else "",
-                    "params": {k: param_value(v) for k, v in t.params.items()}, "value": t.value, "state": state,
+                    "params": {k: param_value(v) for k, v in t.params.items()},
+                    # a pruned trial's value is Optuna's last intermediate one, a validation loss: not the objective
+                    "value": t.value if state == "complete" else None, "state": state,
                     "step": t.user_attrs.get("step") if state == "pruned" else None,
                     "seconds": t.user_attrs.get("seconds"), "reason": t.user_attrs.get("reason", ""),
                     "log": t.user_attrs.get("log", "")})
