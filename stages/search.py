@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import subprocess
 from pathlib import Path
 
@@ -66,6 +67,13 @@ def where_trials_run(repo: Path, name: str, storage: str, remote: str | None) ->
     return Where(repo, url, baseline, None, None, log_dir, storage, remote)
 
 
+def earlier_experiments(name: str) -> list[str]:
+    """Experiments of this repository named like the trials of a study called `name` (<name>-<number>)."""
+    refs = git("for-each-ref", "--format=%(refname)", "refs/exps").splitlines()
+    names = sorted({ref.rsplit("/", 1)[-1] for ref in refs})
+    return [n for n in names if re.fullmatch(rf"{re.escape(name)}-\d+", n)]
+
+
 def baseline_peak_gib() -> float | None:
     text = committed("metrics/train.json")
     return json.loads(text).get("peak_memory_gib") if text else None
@@ -84,6 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remote", help="git remote trials clone from and push to (other machines; "
                                          "its DVC remote is the project's default)")
     args = parser.parse_args(argv)
+    try:
+        import distributed  # noqa: F401
+        import optuna  # noqa: F401
+    except ImportError as err:
+        raise PipelineError(f"the search needs Optuna and Dask ({err.name} is missing): "
+                            f"pip install -e '.[search]'") from None
     repo = Path.cwd()
     if not (repo / "dvc.yaml").is_file() or not (repo / ".git").exists():
         raise PipelineError("run the search from the project's root: a git repository with dvc.yaml")
@@ -98,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     where = where_trials_run(repo, spec.name, storage, args.remote)
     quiet_optuna()
     study = open_study(spec, storage, where.baseline)
+    taken = earlier_experiments(spec.name) if all(t.state.name == "WAITING" for t in study.trials) else []
+    if taken:
+        raise PipelineError(f"experiments {', '.join(taken[:3])} already exist here, from an earlier search named "
+                            f"{spec.name!r} whose study is gone; give this one another name (--name), or remove "
+                            f"them (dvc exp remove {' '.join(taken[:3])})")
     if requeue_unfinished(study):
         log.info("trials the last run left unfinished run again first")
     total = spec.trial_count()

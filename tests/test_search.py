@@ -96,6 +96,10 @@ def test_a_grid_on_two_local_workers_is_one_experiment_per_trial_and_leaves_the_
 
     again = search(baseline, *GRID, "--workers", "2", "--name", "grid")  # a finished study runs nothing
     assert again.returncode == 0 and "4 of 4 trials finished" in again.stderr and "starts" not in again.stderr
+    (baseline / ".search/grid.db").unlink()  # a study gone, its experiments kept: they are not overwritten
+    lost = search(baseline, *GRID, "--name", "grid")
+    assert lost.returncode == 1 and lost.stderr.strip().splitlines()[-1].startswith(
+        "error: experiments grid-0, grid-1, grid-2 already exist here"), lost.stderr
 
 
 def test_a_pruned_trial_stops_early_and_ctrl_c_leaves_a_study_the_same_command_continues(baseline, tmp_path):
