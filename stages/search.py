@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     finished = True
     if finished_count(study) < total:
         with dask_client(args.scheduler, args.workers, spec.workers_per_gpu, baseline_peak_gib()) as client:
-            finished = run_trials(study, spec, where, client, env={})
+            finished = run_trials(study, spec, where, client)
     board = leaderboard.rows(study, spec.direction == "maximize")
     text = leaderboard.table(board, spec.objective)
     with atomic_file(where.log_dir / "leaderboard.md") as f:

@@ -113,3 +113,20 @@ def test_the_leaderboard_ranks_finished_trials_by_the_objective_then_pruned_fail
     assert "| 2 | s-2 |" in text and "pruned at step 40" in text
     assert leaderboard.best_line(board, "rougeL.tuned").endswith("dvc exp apply s-2")
     assert [r["trial"] for r in leaderboard.rows(study, maximize=False)][:3] == [0, 5, 2]
+
+
+def test_a_trial_without_a_result_is_failed_with_the_reason():
+    from distributed import KilledWorker
+
+    from samsum_qlora.search.driver import _outcome
+
+    class Lost:  # a Dask future whose task lost its worker twice, or whose runner raised
+        def __init__(self, err: Exception):
+            self.err = err
+
+        def result(self):
+            raise self.err
+
+    assert _outcome(Lost(KilledWorker("grid-1-7", None, 1))) == {
+        "state": "failed", "reason": "the worker running it died, and so did the one that retried it"}
+    assert _outcome(Lost(OSError("disk full"))) == {"state": "failed", "reason": "OSError: disk full"}

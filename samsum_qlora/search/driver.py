@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ class Where:
     remote: str | None  # the git remote trials push to, which the driver pulls from
 
 
-def trial_spec(spec: SearchSpec, where: Where, trial: Any, env: dict[str, str]) -> TrialSpec:
+def trial_spec(spec: SearchSpec, where: Where, trial: Any) -> TrialSpec:
     overrides = {key: dvc_value(param_value(value)) for key, value in trial.params.items()}
     local = where.remote is None
     return TrialSpec(
@@ -48,7 +48,7 @@ def trial_spec(spec: SearchSpec, where: Where, trial: Any, env: dict[str, str]) 
         number=trial.number, experiment=f"{spec.name}-{trial.number}", overrides=overrides, git_url=where.git_url,
         baseline=where.baseline, objective=spec.objective, shared_cache=where.shared_cache,
         work_root=where.work_root, log_path=str(where.log_dir / f"trial-{trial.number}.log") if local else None,
-        stop_event=f"{spec.name}-stop", env=env)
+        stop_event=f"{spec.name}-stop")
 
 
 def _tell(study: Any, number: int, result: dict[str, Any], where: Where) -> str:
@@ -88,7 +88,7 @@ def _say_progress(study: Any, total: int, said: dict[int, Any]) -> None:
     log.info("%d of %d trials finished", finished_count(study), total)
 
 
-def run_trials(study: Any, spec: SearchSpec, where: Where, client: Any, env: dict[str, str]) -> bool:
+def run_trials(study: Any, spec: SearchSpec, where: Where, client: Any) -> bool:
     """Run trials until the study has spec.trial_count() finished ones; False when Ctrl-C stopped it."""
     from distributed import Event, wait
 
@@ -104,7 +104,7 @@ def run_trials(study: Any, spec: SearchSpec, where: Where, client: Any, env: dic
             slots = sum(client.nthreads().values()) or 1
             while len(running) < slots and finished_count(study) + len(running) < total:
                 trial = study.ask(space)
-                ts = trial_spec(spec, where, trial, env)
+                ts = trial_spec(spec, where, trial)
                 log.info("trial %d starts: %s", trial.number,
                          " ".join(f"{k}={v}" for k, v in ts.overrides.items()))
                 running[client.submit(run_trial, ts, key=f"{ts.experiment}-{time.time_ns()}", pure=False)] = trial
@@ -165,6 +165,3 @@ def _pull(where: Where, experiment: str) -> None:
         log.warning("dvc exp pull %s %s failed: %s", where.remote, experiment,
                     (proc.stderr or proc.stdout).strip().splitlines()[-1:] or "")
 
-
-def as_dict(where: Where) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(where).items()}

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from samsum_qlora.errors import PipelineError
-from samsum_qlora.search.space import Range, SearchSpec
+from samsum_qlora.search.space import SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def distributions(spec: SearchSpec) -> dict[str, Any]:
 
 def _choice(value: Any) -> Any:
     """Optuna's choices are scalars: a list (e.g. lora.target_modules) is kept as its JSON text."""
-    return json.dumps(value) if isinstance(value, (list, dict)) else value
+    return json.dumps(value, allow_nan=False) if isinstance(value, (list, dict)) else value
 
 
 def param_value(value: Any) -> Any:
@@ -108,7 +108,7 @@ def fingerprint(spec: SearchSpec, baseline: str) -> str:
     what = {"baseline": baseline, "space": {k: v if isinstance(v, list) else v.model_dump()
                                             for k, v in spec.space.items()},
             "objective": spec.objective, "direction": spec.direction}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str, allow_nan=False).encode()).hexdigest()[:16]
 
 
 def open_study(spec: SearchSpec, url: str, baseline: str) -> Any:
@@ -159,7 +159,3 @@ def finished_count(study: Any) -> int:
                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED)))
 
-
-def describe_range(values: Range) -> str:
-    kind = "int" if values.integer else "float"
-    return f"{kind} {values.low:g}..{values.high:g}{' log' if values.log else ''}"

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ class TrialSpec:
     work_root: str | None  # where the clone goes (None: the worker's own folder)
     log_path: str | None  # where the log goes (None: the clone's folder, returned as text)
     stop_event: str
-    env: dict[str, str] = field(default_factory=dict)
     poll_s: float = 1.0
 
 
@@ -180,8 +179,8 @@ def run_trial(spec: TrialSpec) -> dict[str, Any]:
     log_path = Path(spec.log_path) if spec.log_path else scratch / "trial.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     repo = scratch / "repo"
-    env = {**os.environ, **spec.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo),
-                                                                               os.environ.get("PYTHONPATH")]))}
+    # the clone's own code first, as a stage run from the clone's root imports it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     started = time.monotonic()
     result: dict[str, Any] = {"worker": worker, "host": socket.gethostname(), "log": str(log_path)}
     try:
