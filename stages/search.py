@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 def git(*args: str) -> str:
     proc = subprocess.run(["git", *args], capture_output=True, text=True)
     if proc.returncode:
-        raise PipelineError(f"git {' '.join(args)}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        said = (proc.stderr or proc.stdout).strip().splitlines()
+        raise PipelineError(f"git {' '.join(args)} failed: {said[-1] if said else f'exit code {proc.returncode}'}")
     return proc.stdout.strip()
 
 
@@ -54,7 +55,6 @@ def where_trials_run(repo: Path, name: str, storage: str, remote: str | None) ->
         log.warning("trials start from commit %s; uncommitted changes are not part of the search: %s",
                     baseline[:8], ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
     log_dir = repo / ".search" / name
-    log_dir.mkdir(parents=True, exist_ok=True)
     if remote is None:
         cache = subprocess.run(["dvc", "cache", "dir"], capture_output=True, text=True).stdout.strip()
         return Where(repo, str(repo), baseline, cache or str(repo / ".dvc/cache"),
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     storage = args.storage or f"sqlite:///{repo / '.search' / (spec.name + '.db')}"
     where = where_trials_run(repo, spec.name, storage, args.remote)
     quiet_optuna()
+    where.log_dir.mkdir(parents=True, exist_ok=True)  # the study's SQLite file goes beside it, by default
     study = open_study(spec, storage, where.baseline)
     taken = earlier_experiments(spec.name) if all(t.state.name == "WAITING" for t in study.trials) else []
     if taken:

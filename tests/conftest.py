@@ -135,3 +135,32 @@ def snapshot(repo: Path) -> dict[str, bytes]:
         for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
             files[f.relative_to(repo).as_posix()] = f.read_bytes()
     return files
+
+
+# The offline profile cut to a few seconds per stage, for tests of what runs experiments (DVC's queue, the search),
+# not of the model; validation every 2 of 8 steps gives the search's pruner something to read.
+SHORT_RUN = {
+    "training": {"max_steps": 8, "logging_steps": 2, "eval_steps": 2, "save_steps": 8, "warmup_steps": 0},
+    "eval": {"max_samples": 4, "max_new_tokens": 8},
+}
+
+
+@pytest.fixture(scope="session")
+def _short_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = make_project(tmp_path_factory.mktemp("short-run") / "repo", offline_params(**SHORT_RUN))
+    run_dvc(repo, "repro", env=dvc_env(repo, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "the short offline run")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def short_run(_short_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The short offline run, committed with its outputs: a clone of its own for each test module, its outputs
+    checked out from the one run's DVC cache (the run happens once per session)."""
+    repo = tmp_path_factory.mktemp("short-clone") / "repo"
+    git(repo.parent, "clone", "--quiet", str(_short_run), str(repo))
+    run_dvc(repo, "config", "--local", "cache.dir", str(_short_run / ".dvc" / "cache"))
+    run_dvc(repo, "checkout", "--quiet")
+    return repo
+

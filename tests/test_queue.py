@@ -11,13 +11,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.harness.dvc_queue import experiments_shown, start_queue, wait_for_queue
-from conftest import ROOT, dvc_env, git, make_project, offline_params, run_dvc, snapshot
+from conftest import ROOT, dvc_env, git, run_dvc, snapshot
 
 pytestmark = pytest.mark.slow
-SHORT = {  # the offline profile cut to a few seconds per stage: what is tested is the queue, not the model
-    "training": {"max_steps": 4, "logging_steps": 2, "eval_steps": 4, "save_steps": 4},
-    "eval": {"max_samples": 4, "max_new_tokens": 8},
-}
 GOOD = {"r4": ["-S", "lora.r=4"], "r16": ["-S", "lora.r=16"]}
 BAD = ["-S", "model.base_model=offline/no-such-model"]  # tokenize_mask stops: the folder does not exist
 def readme_short_view() -> list[str]:
@@ -25,11 +21,6 @@ def readme_short_view() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     line = next(line for line in text.splitlines() if line.startswith("dvc exp show --no-pager"))
     return shlex.split(line.split(" #", 1)[0])
-
-
-def commit_all(repo: Path, message: str) -> None:
-    git(repo, "add", "-A")
-    git(repo, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message)
 
 
 def train_facts(repo: Path, rev: str) -> dict:
@@ -42,12 +33,11 @@ def train_facts(repo: Path, rev: str) -> dict:
     raise AssertionError(f"{rev} has neither metrics/train_run.json nor metrics/train.json")
 
 
-def test_queue_runs_two_experiments_at_once_reports_the_failed_one_and_leaves_the_workspace(tmp_path, monkeypatch):
+def test_queue_runs_two_experiments_at_once_reports_the_failed_one_and_leaves_the_workspace(short_run, tmp_path,
+                                                                                              monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two runs share the runner's cores; more threads only thrash
-    repo = make_project(tmp_path / "repo", offline_params(**SHORT))
+    repo = short_run
     env = dvc_env(repo)
-    run_dvc(repo, "repro", env=env)
-    commit_all(repo, "the short offline run")
     before = snapshot(repo)
     assert before["dvc.lock"] and any(name.startswith("models/adapter/") for name in before)
 
@@ -84,7 +74,7 @@ def test_queue_runs_two_experiments_at_once_reports_the_failed_one_and_leaves_th
     assert (good["r4"]["params"]["lora"]["r"], good["r16"]["params"]["lora"]["r"]) == (4, 16)
     train = {label: e["metrics"]["metrics/train.json"] for label, e in good.items()}
     facts = {label: train_facts(repo, e["rev"]) for label, e in good.items()}  # committed with each experiment
-    assert facts["r4"]["steps"] == facts["r16"]["steps"] == 4
+    assert facts["r4"]["steps"] == facts["r16"]["steps"] == 8
     assert facts["r16"]["trainable_params"] == 4 * facts["r4"]["trainable_params"]  # LoRA's size grows with r
     assert train["r4"]["train_loss"] != train["r16"]["train_loss"]
     assert train["r4"]["train_loss"] != json.loads(before["metrics/train.json"])["train_loss"]  # not the base's

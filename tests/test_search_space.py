@@ -130,3 +130,27 @@ def test_a_trial_without_a_result_is_failed_with_the_reason():
     assert _outcome(Lost(KilledWorker("grid-1-7", None, 1))) == {
         "state": "failed", "reason": "the worker running it died, and so did the one that retried it"}
     assert _outcome(Lost(OSError("disk full"))) == {"state": "failed", "reason": "OSError: disk full"}
+
+
+def test_trials_on_other_machines_need_the_baseline_on_the_git_remote(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import git
+
+    bare, repo = tmp_path / "remote.git", tmp_path / "repo"
+    git(tmp_path, "init", "-q", "--bare", str(bare))
+    git(tmp_path, "init", "-q", "-b", "main", str(repo))
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "a baseline never pushed")
+    git(repo, "remote", "add", "origin", str(bare))
+    proc = subprocess.run([sys.executable, "-m", "stages.search", "--grid", "lora.r=4,8", "--remote", "origin"],
+                          cwd=repo, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: commit ") and "is not on the git remote origin: git push it" in last, last
+    assert not (repo / ".search").exists()  # refused before anything was written

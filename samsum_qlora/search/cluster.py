@@ -93,11 +93,14 @@ def dask_client(scheduler: str | None, workers: int | None, per_gpu: int | None,
                                     f"dask-cuda (one Dask worker per GPU), or give --workers N") from None
             threads, rule = trials_per_gpu(per_gpu, peak_gib, free)
             log.info("%d GPUs, %d trials side by side on each (%s)", len(free), threads, rule)
-            cluster = LocalCUDACluster(threads_per_worker=threads, dashboard_address=None, silence_logs=logging.ERROR)
+            cluster = LocalCUDACluster(threads_per_worker=threads, dashboard_address=":0", silence_logs=logging.ERROR)
         else:
             count = workers or 1
+            if free:
+                log.warning("--workers %d with %d GPUs: every trial sees all of them and trains on the first; "
+                            "leave --workers out for one Dask worker per GPU", count, len(free))
             log.info("%d local Dask workers, one trial each%s", count, "" if free else " (no GPU)")
-            cluster = LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=None,
+            cluster = LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=":0",
                                    silence_logs=logging.ERROR)
         with cluster, Client(cluster) as client:
             yield client
