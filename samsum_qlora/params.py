@@ -21,7 +21,7 @@ PARAMS_FILE = PARAMS
 SCHEMA = ConfigDict(extra="forbid")
 
 
-def _yaml_number(value: Any) -> Any:
+def yaml_number(value: Any) -> Any:
     """YAML 1.1 reads "2e-4" as a string: a number written so still counts as one."""
     if isinstance(value, str):
         try:
@@ -38,7 +38,7 @@ def _one_or_many(value: Any) -> Any:
 # YAML's types, strictly: "8" is not an integer, 2.5 is not one either, "yes" is not true; an integer is a number;
 # .inf and .nan (or "inf" from the CLI) are not numbers a run can use.
 Int = Annotated[int, Strict()]
-Number = Annotated[float, BeforeValidator(_yaml_number), Strict(), AllowInfNan(False)]
+Number = Annotated[float, BeforeValidator(yaml_number), Strict(), AllowInfNan(False)]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 Names = Annotated[list[Annotated[str, Strict(), Field(min_length=1)]], BeforeValidator(_one_or_many)]

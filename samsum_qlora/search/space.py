@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from samsum_qlora.errors import PipelineError
-from samsum_qlora.params import parse_params
+from samsum_qlora.params import parse_params, yaml_number
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a study name is also the prefix of git ref names
 
@@ -116,13 +116,7 @@ class SearchSpec(BaseModel):
 
 def _scalar(text: str) -> Any:
     """A value as `-S KEY=VALUE` would read it: YAML, except that 1e-4 is a number (YAML 1.1 says a string)."""
-    value = yaml.safe_load(text) if text.strip() else text
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    return yaml_number(yaml.safe_load(text) if text.strip() else text)
 
 
 def _split_top_level(text: str) -> list[str]:
