@@ -1,12 +1,13 @@
 """Training throughput: the tutorial's setup vs TRL's padding-free SFTTrainer vs this project's train stage.
 
     python -m benchmarks.bench_train [--setups tutorial,trl,project] [--steps 20] [--warmup 5] [--tiny]
-                                     [--shape 1B|3B|8B] [--out benchmarks/results] [--label L]
+                                     [--shape 135M|1B|3B|8B] [--out benchmarks/results] [--label L]
                                      [--set training.padding_free=true ...]
 
 All setups run in one process on the same device, one after the other, on the same synthetic SAMSum-length
 examples (benchmarks/harness/lengths.py) and a random-weight Llama-3.2-1B-shaped model (benchmarks/harness/shapes.py;
-`--shape 3B` / `8B`: Llama-3.2-3B's or Llama-3.1-8B's shape, results in train-<device>-<date>-<shape>.json;
+`--shape 3B` / `8B`: Llama-3.2-3B's or Llama-3.1-8B's shape, `135M`: a 30-layer, 135M-parameter small instruct
+model's, results in train-<device>-<date>-<shape>.json;
 `--label L` appends -L):
 NF4 with double quantization, bf16 compute, LoRA r 8 / alpha 16 / dropout 0.05 on q_proj and v_proj,
 16 sequences per optimizer step. Reported per setup: real (non-padding) tokens per second over the timed
@@ -129,8 +130,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 20; --tiny: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; --tiny: 1)")
     parser.add_argument("--tiny", action="store_true", help="2 layers, hidden 128, vocabulary 2048: a smoke test")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1B",
-                        help="the model's shape: Llama-3.2-1B (default), Llama-3.2-3B or Llama-3.1-8B")
+    parser.add_argument("--shape", choices=list(SHAPES), default="1B",
+                        help="the model's shape: Llama-3.2-1B (default), Llama-3.2-3B, Llama-3.1-8B, or 135M "
+                        "(SmolLM2-135M-Instruct's)")
     parser.add_argument("--out", type=Path, default=report.RESULTS, help="folder for the JSON results")
     parser.add_argument("--label", default=None, help="appended to the file name (after the shape), e.g. ckpt")
     parser.add_argument("--model-dir", type=Path, default=None, help="where the random model is built (reused)")

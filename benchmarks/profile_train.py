@@ -40,7 +40,8 @@ class ProfilerStep(TrainerCallback):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1B", help="Llama-3.2-1B, 3.2-3B or 3.1-8B")
+    parser.add_argument("--shape", choices=list(SHAPES), default="1B",
+                        help="135M (SmolLM2-135M's shape), or Llama-3.2-1B, 3.2-3B or 3.1-8B")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=report.RESULTS, help="folder for the JSON results")
     parser.add_argument("--model-dir", type=Path, default=None, help="where the random model is built (reused)")

@@ -113,16 +113,18 @@ def test_llama_shaped_model_loads_offline(tmp_path: Path, bench_tokenizer: Path)
     assert next(again.glob("*.safetensors")).read_bytes() == weights  # seeded
 
 
-@pytest.mark.parametrize("name, published", [("1B", 1_235_814_400), ("3B", 3_212_749_824), ("8B", 8_030_261_248)])
+@pytest.mark.parametrize("name, published", [("135M", 134_515_008), ("1B", 1_235_814_400), ("3B", 3_212_749_824),
+                                             ("8B", 8_030_261_248)])
 def test_shapes_have_the_hub_models_parameter_counts(name: str, published: int, bench_tokenizer: Path):
-    # Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B as the hub's safetensors metadata counts them; built on the
-    # meta device, so nothing is allocated.
+    # SmolLM2-135M-Instruct, Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B as the hub's safetensors metadata counts
+    # them; built on the meta device, so nothing is allocated.
     shape = SHAPES[name]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(shape.config(AutoTokenizer.from_pretrained(str(bench_tokenizer))))
     assert shape.parameters() == published
     assert sum(p.numel() for p in model.parameters()) == published  # tied embeddings are counted once
     assert model.config.tie_word_embeddings == (name != "8B")
+    assert (model.config.rope_parameters["rope_type"] == "default") == (name == "135M")  # no Llama 3 scaling
 
 
 def _read_report(out_dir: Path, benchmark: str) -> dict:

@@ -1,7 +1,7 @@
-"""A random-weight model with the exact shape of Llama-3.2-1B (or 3.2-3B, 3.1-8B), saved so that
-`from_pretrained` loads it offline.
+"""A random-weight model with the exact shape of Llama-3.2-1B (or 3.2-3B, 3.1-8B, or a 135M-parameter small
+instruct model of the Llama architecture), saved so that `from_pretrained` loads it offline.
 
-    python -m benchmarks.harness.shapes --out /tmp/samsum-bench/llama-1b-shaped [--shape 1B|3B|8B] [--tiny]
+    python -m benchmarks.harness.shapes --out /tmp/samsum-bench/llama-1b-shaped [--shape 135M|1B|3B|8B] [--tiny]
 
 Speed and memory depend on the shape of the network, not on what its weights learned, so the benchmarks use
 this instead of the gated hub checkpoint: nothing is downloaded. The tokenizer is a copy of the offline
@@ -42,7 +42,7 @@ class LlamaShape:
     num_key_value_heads: int = 8
     head_dim: int = 64
     rope_theta: float = 500000.0
-    rope_scaling_factor: float = 32.0
+    rope_scaling_factor: float | None = 32.0  # Llama 3's long-context scaling; None: plain RoPE
     max_position_embeddings: int = 131072
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
@@ -57,7 +57,7 @@ class LlamaShape:
             num_key_value_heads=self.num_key_value_heads,
             head_dim=self.head_dim,
             rope_theta=self.rope_theta,
-            rope_scaling={
+            rope_scaling=None if self.rope_scaling_factor is None else {
                 "rope_type": "llama3",
                 "factor": self.rope_scaling_factor,
                 "low_freq_factor": 1.0,
@@ -92,7 +92,12 @@ LLAMA_3_2_1B = LlamaShape()
 LLAMA_3_2_3B = LlamaShape(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, head_dim=128)
 LLAMA_3_1_8B = LlamaShape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
                           rope_scaling_factor=8.0, tie_word_embeddings=False)
-SHAPES = {"1B": LLAMA_3_2_1B, "3B": LLAMA_3_2_3B, "8B": LLAMA_3_1_8B}
+# SmolLM2-135M-Instruct's config.json: 30 thin layers and a 49,152-token vocabulary, tied; the small model whose
+# speed shows what per-kernel launch costs leave of a step.
+SMALL_135M = LlamaShape(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                        rope_scaling_factor=None, max_position_embeddings=8192)
+SHAPES = {"135M": SMALL_135M, "1B": LLAMA_3_2_1B, "3B": LLAMA_3_2_3B, "8B": LLAMA_3_1_8B}
 TINY = LlamaShape(
     vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32,
@@ -203,7 +208,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, default=None, help="default: offline/tiny-llama")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1B", help="Llama-3.2-1B, 3.2-3B or 3.1-8B")
+    parser.add_argument("--shape", choices=list(SHAPES), default="1B",
+                        help="135M (SmolLM2-135M's shape), or Llama-3.2-1B, 3.2-3B or 3.1-8B")
     parser.add_argument("--tiny", action="store_true", help="2 layers, hidden 128, vocabulary 2048")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
