@@ -68,16 +68,21 @@ def timed_run(project: Path, env: dict[str, str], stage: tuple[str, ...]) -> dic
     return {"first_output_s": first, "exit_s": time.perf_counter() - start}
 
 
-def import_costs(project: Path, env: dict[str, str], stage: tuple[str, ...]) -> dict[str, Any]:
-    """The stage's imports under `python -X importtime`: their total own time, the costliest top-level packages,
-    and which watched packages it loaded."""
+def imported_modules(project: Path, env: dict[str, str], stage: tuple[str, ...]) -> dict[str, int]:
+    """Every module the stage imports, with its own import time in microseconds (`python -X importtime`)."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", f"stages.{stage[0]}", *stage[1:]],
                           cwd=project, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"stages.{stage[0]} failed under -X importtime: {proc.stderr[-2000:]}")
+    return {match[2]: int(match[1]) for match in IMPORT_LINE.finditer(proc.stderr)}
+
+
+def import_costs(modules: dict[str, int]) -> dict[str, Any]:
+    """What imported `modules` cost: their total own time, the costliest top-level packages, and which watched
+    packages were loaded."""
     own: Counter[str] = Counter()
-    for match in IMPORT_LINE.finditer(proc.stderr):
-        own[match[2].split(".")[0]] += int(match[1])
+    for name, microseconds in modules.items():
+        own[name.split(".")[0]] += microseconds
     return {"imports_s": round(sum(own.values()) / 1e6, 3),
             "costliest": {name: round(us / 1e6, 3) for name, us in own.most_common(8)},
             "loads": sorted(name for name in WATCHED if name in own)}
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "first_output_s": round(statistics.median(firsts), 3) if firsts else None,
                 "exit_s": round(statistics.median(r["exit_s"] for r in runs), 3),
                 "runs": [{k: round(v, 3) if v is not None else None for k, v in r.items()} for r in runs],
-                **import_costs(project, env, stage),
+                **import_costs(imported_modules(project, env, stage)),
             }
             log.info("%s: %s", name, {k: v for k, v in out["stages"][name].items() if k != "runs"})
     finally:

@@ -22,7 +22,8 @@ from benchmarks.harness.dvc_queue import experiments_shown
 from conftest import dvc_env, git, run_dvc, snapshot
 
 pytestmark = pytest.mark.slow
-GRID = ["--grid", "lora.r=4,8", "--grid", "training.learning_rate=0.002,0.0005"]
+# Two trials: one round on two workers (every combination of a grid is tested in test_search_space.py)
+GRID = ["--grid", "lora.r=4,8", "--grid", "training.learning_rate=0.002"]
 QUIET = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # two trials share 2 cores
 
 
@@ -79,22 +80,21 @@ def test_a_grid_on_two_local_workers_is_one_experiment_per_trial_and_leaves_the_
     proc = search(baseline, *GRID, "--workers", "2", "--name", "grid")
     assert proc.returncode == 0, proc.stderr[-3000:]
     storage = f"sqlite:///{baseline / '.search/grid.db'}"
-    check_experiments(baseline, storage, "grid", 4)
+    check_experiments(baseline, storage, "grid", 2)
     done = sorted((t for t in trials(storage, "grid")), key=lambda t: -t.value)
     assert leaderboard_trials(proc.stdout) == [t.number for t in done]  # best first
     assert f"dvc exp apply grid-{done[0].number}" in proc.stdout.splitlines()[-1]
-    assert {(t.params["lora.r"], t.params["training.learning_rate"]) for t in done} == {
-        (4, 0.002), (4, 0.0005), (8, 0.002), (8, 0.0005)}
-    assert re.search(r"trial \d: step \d/8", proc.stderr) and "of 4 trials finished" in proc.stderr  # progress
+    assert {(t.params["lora.r"], t.params["training.learning_rate"]) for t in done} == {(4, 0.002), (8, 0.002)}
+    assert re.search(r"trial \d: step \d/8", proc.stderr) and "of 2 trials finished" in proc.stderr  # progress
     assert snapshot(baseline) == before and git(baseline, "status", "--porcelain") == ""
     assert (baseline / ".search/grid/leaderboard.md").read_text().strip() in proc.stdout
 
     again = search(baseline, *GRID, "--workers", "2", "--name", "grid")  # a finished study runs nothing
-    assert again.returncode == 0 and "4 of 4 trials finished" in again.stderr and "starts" not in again.stderr
+    assert again.returncode == 0 and "2 of 2 trials finished" in again.stderr and "starts" not in again.stderr
     (baseline / ".search/grid.db").unlink()  # a study gone, its experiments kept: they are not overwritten
     lost = search(baseline, *GRID, "--name", "grid")
     assert lost.returncode == 1 and lost.stderr.strip().splitlines()[-1].startswith(
-        "error: experiments grid-0, grid-1, grid-2 already exist here"), lost.stderr
+        "error: experiments grid-0, grid-1 already exist here"), lost.stderr
 
 
 def test_a_pruned_trial_stops_early_and_ctrl_c_leaves_a_study_the_same_command_continues(baseline, tmp_path):
@@ -207,7 +207,7 @@ def test_trials_on_two_machines_reach_the_baseline_through_remotes_and_survive_a
     assert killed is not None
     assert f"trial {killed} complete" in err  # run again once, after its worker died under it
     assert not subprocess.run(["pgrep", "-f", "dvc exp run -n team-"], capture_output=True).stdout  # none left
-    exps = check_experiments(user, postgres, "team", 4)  # pulled back from the git and DVC remotes
+    exps = check_experiments(user, postgres, "team", 2)  # pulled back from the git and DVC remotes
     best = leaderboard_trials(out)[0]
     run_dvc(user, "exp", "apply", f"team-{best}", env=env)  # the best trial, outputs and all, from the DVC remote
     applied = json.loads((user / "metrics/compare.json").read_text())

@@ -16,10 +16,20 @@ from benchmarks.harness.stage_runs import stage_env
 def test_file_only_stages_load_neither_torch_nor_transformers(short_run: Path, tmp_path: Path, stage: str):
     env = stage_env(short_run, tmp_path / "compile-cache")
     before = {path: path.read_bytes() for path in (short_run / "metrics").glob("*.json")}
-    costs = bench_startup.import_costs(short_run, env, bench_startup.STAGES[stage])  # runs the stage
+    costs = bench_startup.import_costs(bench_startup.imported_modules(short_run, env, bench_startup.STAGES[stage]))
     assert not {"torch", "transformers", "peft", "bitsandbytes"} & set(costs["loads"]), costs
     assert costs["imports_s"] > 0
     assert {path: path.read_bytes() for path in before} == before  # it ran on the run's files and wrote the same
+
+
+@pytest.mark.parametrize("stage, unused", [
+    ("tokenize_mask", "transformers.modeling_utils"),  # a tokenizer needs none of transformers' model classes
+    ("evaluate_baseline", "datasets"),  # generation reads the prepared JSONL; only training plans from Arrow data
+])
+def test_model_stages_import_only_what_they_use(short_run: Path, tmp_path: Path, stage: str, unused: str):
+    modules = bench_startup.imported_modules(short_run, stage_env(short_run, tmp_path / "cache"),
+                                             bench_startup.STAGES[stage])
+    assert "torch" in modules and unused not in modules
 
 
 def test_bench_startup_times_the_stages_it_is_given(tmp_path: Path):

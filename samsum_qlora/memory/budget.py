@@ -11,16 +11,17 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
-import pyarrow.compute as pc
 import torch
-from datasets import Dataset
 
 from samsum_qlora.memory.estimates import CONTEXT_GIB, GIB, Shape
 from samsum_qlora.memory.planning import EvalPlan, TrainPlan, plan_generation, plan_training
 from samsum_qlora.model.loading import DevicePolicy, load_config
 from samsum_qlora.params import Params, TrainingParams
+
+if TYPE_CHECKING:  # the evaluation stages plan without datasets: importing it (and pandas) costs them start-up
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def plan_memory(params: Params, policy: DevicePolicy, *, train_data: Dataset | N
 def training_lengths(train_data: Dataset, training: TrainingParams) -> dict[str, float | int]:
     """What plan_training reads of the tokenized train split, per process: the mean and the largest step's tokens,
     the longest example's, and the fraction of tokens the loss is computed on."""
+    import pyarrow.compute as pc  # the train split's Arrow columns, read without copying them into Python
+
     per_process = max(1, training.per_device_train_batch_size // training.num_processes)  # the batch is split
     lengths = sorted(train_data["length"])
     labels = pc.list_flatten(train_data.data.column("labels"))
