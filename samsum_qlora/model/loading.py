@@ -7,19 +7,23 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from samsum_qlora import hub
 from samsum_qlora.distributed import local_rank
 from samsum_qlora.errors import PipelineError
 from samsum_qlora.params import ModelParams, QuantizationParams
-
-if TYPE_CHECKING:
-    from transformers import BitsAndBytesConfig
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +157,6 @@ def load_tokenizer(model: ModelParams) -> PreTrainedTokenizerBase:
 def quantization_config(quant: QuantizationParams, policy: DevicePolicy) -> BitsAndBytesConfig | None:
     if not quant.use_4bit:
         return None
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
@@ -173,10 +175,6 @@ def load_config(model: ModelParams) -> PretrainedConfig:
 
 def load_base_model(model: ModelParams, quant: QuantizationParams, policy: DevicePolicy) -> torch.nn.Module:
     """The frozen base model, 4-bit when quantization.use_4bit, on the policy's device."""
-    # Imported here: transformers' model classes bring its whole modelling stack (about 0.6 s on a CPU), which the
-    # stages that only tokenize do not need.
-    from transformers import AutoModelForCausalLM
-
     return _from_folder_hub_or_cache(
         lambda **hub_args: AutoModelForCausalLM.from_pretrained(
             model.base_model,
