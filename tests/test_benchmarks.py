@@ -18,6 +18,7 @@ from benchmarks import (
     bench_compile,
     bench_determinism,
     bench_eval,
+    bench_host_link,
     bench_loop,
     bench_memory,
     bench_small_data,
@@ -426,3 +427,14 @@ def test_small_data_variants_reach_some_hundred_steps():
     assert list(variants) == ["fixed-warmup", "ratio", "epochs-9-fixed-warmup", "epochs-9"]
     assert variants["epochs-9"] == {"num_train_epochs": 9.0, "warmup_steps": None}
     assert variants["fixed-warmup"] == {"num_train_epochs": 1.0, "warmup_steps": 50}
+
+
+def test_bench_host_link_needs_a_gpu_and_whole_sizes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device here; it measures a GPU's link to host memory"):
+        bench_host_link.main(["--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        bench_host_link.main(["--sizes-mib", "16,1.5", "--out", str(tmp_path)])
+    assert "--sizes-mib '16,1.5': whole numbers of MiB" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
