@@ -107,8 +107,10 @@ def test_a_pruned_trial_stops_early_and_ctrl_c_leaves_a_study_the_same_command_c
     driver = search(baseline, str(spec), wait=False)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # Ctrl-C once the third trial is training
+        # Read the study only once a trial has started: the command has then made the database and its tables
+        # (opening it earlier would race the command to create them).
         running = [t for t in trials(storage, "prune") if t.number == 2 and t.state.name == "RUNNING"] \
-            if (baseline / ".search/prune.db").exists() else []  # opening it first would create it
+            if (baseline / ".search/prune/trial-0.log").exists() else []
         if running and running[0].user_attrs.get("progress", [0])[0] >= 2:
             break
         assert driver.poll() is None, driver.communicate()
@@ -194,9 +196,10 @@ def test_trials_on_two_machines_reach_the_baseline_through_remotes_and_survive_a
         deadline = time.monotonic() + 400
         while killed is None and time.monotonic() < deadline:  # kill the worker under a training trial
             assert driver.poll() is None, driver.communicate()
-            training = [t for t in trials(postgres, "team") if t.state.name == "RUNNING"
-                        and t.user_attrs.get("progress", [0])[0] >= 2]
             busy = {addr: keys for addr, keys in client.processing().items() if keys}
+            # A trial on a worker: the command has made the study's tables, so reading them races nothing.
+            training = [t for t in trials(postgres, "team") if t.state.name == "RUNNING"
+                        and t.user_attrs.get("progress", [0])[0] >= 2] if busy else []
             if training and busy:
                 worker, keys = next(iter(busy.items()))
                 killed = int(str(next(iter(keys))).split("-")[1])  # keys are team-<trial>-<nonce>
