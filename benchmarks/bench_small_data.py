@@ -18,7 +18,6 @@ the base and the adapter, the gain and its 95% bootstrap interval from compare.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import shutil
@@ -29,9 +28,8 @@ from typing import Any
 from benchmarks.harness import report
 from benchmarks.harness.dvc_runs import read_json
 from benchmarks.harness.stage_runs import run_stage, stage_env
-from offline.project import ROOT, make_project
-from offline.run import merge
-from samsum_qlora.params import Params
+from offline.project import make_project
+from offline.run import merge, profile_over_defaults
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import yaml
 
-    profile = yaml.safe_load((ROOT / "offline/params.yaml").read_text(encoding="utf-8"))
-    params = merge(merge(dataclasses.asdict(Params()), profile),
-                   {"data": {"train_samples": args.train_rows}, "training": {"max_steps": -1}})
+    params = profile_over_defaults(data={"train_samples": args.train_rows}, training={"max_steps": -1})
     batch = params["training"]["per_device_train_batch_size"]
     work = Path(tempfile.mkdtemp(prefix="bench-small-data-"))
     out = report.header("small-data", {"train_rows": args.train_rows, "params": params,

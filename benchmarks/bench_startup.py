@@ -16,11 +16,9 @@ the interpreter, imports, CUDA initialisation, reading params and data.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import re
-import select
 import shutil
 import statistics
 import subprocess
@@ -31,13 +29,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from benchmarks.harness import report
 from benchmarks.harness.stage_runs import stage_env
-from offline.project import ROOT, make_project
-from offline.run import merge
-from samsum_qlora.params import Params
+from offline.project import make_project
+from offline.run import profile_over_defaults
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +51,7 @@ def timed_run(project: Path, env: dict[str, str], stage: tuple[str, ...]) -> dic
     first, tail = None, b""
     fd = proc.stdout.fileno()
     while True:
-        select.select([fd], [], [])
-        chunk = os.read(fd, 65536)
+        chunk = os.read(fd, 65536)  # what the stage has written so far; b"" once it has closed its output
         if not chunk:
             break
         if first is None and chunk.strip():
@@ -102,8 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown := [name for name in names if name not in STAGES]:
         parser.error(f"--stages: unknown stage {unknown[0]!r}; the stages are {', '.join(STAGES)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    profile = yaml.safe_load((ROOT / "offline/params.yaml").read_text(encoding="utf-8"))
-    params = merge(dataclasses.asdict(Params()), profile)
+    params = profile_over_defaults()
     out = report.header("startup", {"runs": args.runs, "stages": names, "params": params})
     out["stages"] = {}
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))

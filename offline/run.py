@@ -12,6 +12,7 @@ a params.yaml that held other values is first copied to .params.yaml.before-offl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import Any
 import yaml
 
 from samsum_qlora.errors import PipelineError, run_stage
-from samsum_qlora.params import PARAMS_FILE, parse_params
+from samsum_qlora.params import PARAMS_FILE, Params, parse_params
 
 log = logging.getLogger("offline.run")
 
@@ -44,6 +45,13 @@ def offline_params(params_text: str, overrides_text: str) -> dict[str, Any]:
     merged = merge(yaml.safe_load(params_text) or {}, yaml.safe_load(overrides_text) or {})
     parse_params(merged)  # fail before anything runs
     return merged
+
+
+def profile_over_defaults(**sections: dict) -> dict[str, Any]:
+    """The params schema's defaults with the profile laid over them, and `sections` over that: the profile as the
+    tests and benchmarks run it, whatever the workspace's params.yaml holds."""
+    profile = yaml.safe_load(OVERRIDES.read_text(encoding="utf-8"))
+    return merge(merge(dataclasses.asdict(Params()), profile), sections)
 
 
 def leaves(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -4,7 +4,6 @@ lives in offline/project.py."""
 from __future__ import annotations
 
 import ast
-import dataclasses
 import json
 import os
 import subprocess
@@ -48,11 +47,9 @@ def tiny_tokenizer():
 def offline_params(**sections: dict) -> dict:
     """The schema's defaults (the committed params.yaml, whatever the workspace's holds) with the offline profile
     laid over them, and `sections` laid over that."""
-    from offline.run import merge
-    from samsum_qlora.params import Params
+    from offline.run import profile_over_defaults
 
-    profile = yaml.safe_load((ROOT / "offline" / "params.yaml").read_text())
-    return merge(merge(dataclasses.asdict(Params()), profile), sections)
+    return profile_over_defaults(**sections)
 
 
 def imported_modules(path: Path) -> set[str]:
