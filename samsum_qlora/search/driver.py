@@ -14,6 +14,7 @@ from samsum_qlora.search.space import SearchSpec, dvc_value
 from samsum_qlora.search.study import (
     INTERRUPTED,
     distributions,
+    experiment_name,
     finished_count,
     mark_interrupted,
     param_value,
@@ -39,16 +40,24 @@ class Where:
     storage: str
     remote: str | None  # the git remote trials push to, which the driver pulls from
 
+    def trial_log(self, number: int) -> Path:
+        return self.log_dir / f"trial-{number}.log"
+
+
+def stop_event(spec: SearchSpec) -> str:
+    """The Dask event that tells a study's running trials to stop (Ctrl-C)."""
+    return f"{spec.name}-stop"
+
 
 def trial_spec(spec: SearchSpec, where: Where, trial: Any) -> TrialSpec:
     overrides = {key: dvc_value(param_value(value)) for key, value in trial.params.items()}
     local = where.remote is None
     return TrialSpec(
         study=spec.name, storage=where.storage, search=spec.model_dump(), trial_id=trial._trial_id,
-        number=trial.number, experiment=f"{spec.name}-{trial.number}", overrides=overrides, git_url=where.git_url,
-        baseline=where.baseline, objective=spec.objective, shared_cache=where.shared_cache,
-        work_root=where.work_root, log_path=str(where.log_dir / f"trial-{trial.number}.log") if local else None,
-        stop_event=f"{spec.name}-stop")
+        number=trial.number, experiment=experiment_name(spec.name, trial.number), overrides=overrides,
+        git_url=where.git_url, baseline=where.baseline, objective=spec.objective, shared_cache=where.shared_cache,
+        work_root=where.work_root, log_path=str(where.trial_log(trial.number)) if local else None,
+        stop_event=stop_event(spec))
 
 
 def _tell(study: Any, number: int, result: dict[str, Any], where: Where) -> str:
@@ -60,10 +69,10 @@ def _tell(study: Any, number: int, result: dict[str, Any], where: Where) -> str:
         if result.get(key) is not None:
             study._storage.set_trial_user_attr(trial_id, key, result[key])
     if result.get("log_tail") is not None:
-        path = where.log_dir / f"trial-{number}.log"
+        path = where.trial_log(number)
         if not path.is_file():
             path.write_text(result["log_tail"], encoding="utf-8")
-    study._storage.set_trial_user_attr(trial_id, "log", str(where.log_dir / f"trial-{number}.log"))
+    study._storage.set_trial_user_attr(trial_id, "log", str(where.trial_log(number)))
     state = result["state"]
     if state == "complete":
         study.tell(number, result["value"])
@@ -94,7 +103,7 @@ def run_trials(study: Any, spec: SearchSpec, where: Where, client: Any) -> bool:
 
     total = spec.trial_count()
     space = distributions(spec)
-    stop = Event(f"{spec.name}-stop", client=client)
+    stop = Event(stop_event(spec), client=client)
     stop.clear()
     running: dict[Any, Any] = {}  # future -> trial
     said: dict[int, Any] = {}
@@ -111,7 +120,7 @@ def run_trials(study: Any, spec: SearchSpec, where: Where, client: Any) -> bool:
             if not running:
                 return True
             try:
-                done = wait(list(running), timeout=PROGRESS_S if running else None,
+                done = wait(list(running), timeout=PROGRESS_S,
                             return_when="FIRST_COMPLETED").done
             except TimeoutError:
                 done = set()
@@ -120,7 +129,7 @@ def run_trials(study: Any, spec: SearchSpec, where: Where, client: Any) -> bool:
                 result = _outcome(future)
                 state = _tell(study, trial.number, result, where)
                 if state == "complete":
-                    _pull(where, f"{spec.name}-{trial.number}")
+                    _pull(where, experiment_name(spec.name, trial.number))
                 what = f"{spec.objective} {result['value']:.4f}" if state == "complete" else (
                     f"at step {result.get('step')}" if state == "pruned" else result.get("reason", ""))
                 log.info("trial %d %s in %.0f s: %s", trial.number, state, result.get("seconds", 0), what)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from samsum_qlora.search.study import INTERRUPTED, param_value
+from samsum_qlora.search.study import INTERRUPTED, experiment_name, param_value
 
 ORDER = {"complete": 0, "pruned": 1, "failed": 2, INTERRUPTED: 3}
 
@@ -24,7 +24,8 @@ def rows(study: Any, maximize: bool) -> list[dict[str, Any]]:
         state = state_of(t)
         if state == "waiting":
             continue
-        out.append({"trial": t.number, "experiment": f"{study.study_name}-{t.number}" if state == "complete" else "",
+        experiment = experiment_name(study.study_name, t.number) if state == "complete" else ""
+        out.append({"trial": t.number, "experiment": experiment,
                     "params": {k: param_value(v) for k, v in t.params.items()},
                     # a pruned trial's value is Optuna's last intermediate one, a validation loss: not the objective
                     "value": t.value if state == "complete" else None, "state": state,

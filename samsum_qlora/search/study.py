@@ -16,6 +16,11 @@ log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted"  # user attr of a trial stopped by Ctrl-C (or left running by a driver that died)
 
 
+def experiment_name(study: str, number: int) -> str:
+    """The DVC experiment a finished trial becomes: <study>-<trial number>."""
+    return f"{study}-{number}"
+
+
 def quiet_optuna() -> None:
     import optuna
 
